@@ -1,0 +1,82 @@
+"""Device choice, seeding and batching shared by the trainer, the defenses and the evaluator."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """`auto`/None → CUDA when present, else CPU."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """Seed every generator; on CPU also ask torch for deterministic kernels, so equal seeds give
+    equal models."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(int(threads))
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU; full precision on CPU, where bf16 is slow and breaks bit-reproducibility."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The sample order of one epoch, derived from (seed, epoch) alone, so a resumed job sees exactly
+    the order an uninterrupted one would have."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+def minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Slices of device-resident tensors: no per-sample Python and no host-device copies in the loop."""
+    n = len(x)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        yield x[idx], y[idx]
+
+
+class InfiniteBatches:
+    """Endless shuffled batches of a small clean budget, for step-based defenses."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.x, self.y = x, y
+        self.batch_size = min(batch_size, len(x))
+        self.seed = seed
+        self.epoch = 0
+        self._iter: Iterator | None = None
+
+    def __iter__(self) -> "InfiniteBatches":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._iter is None:
+                order = epoch_order(len(self.x), self.seed, self.epoch, self.x.device)
+                self._iter = minibatches(self.x, self.y, self.batch_size, order)
+                self.epoch += 1
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+
+
+def env_threads(default: int = 1) -> int:
+    return int(os.environ.get("PIPELINE_THREADS", default))
