@@ -1,0 +1,33 @@
+"""What every dataset provides: train and test arrays in one layout, made from files in `raw_dir`
+(downloaded datasets) or generated from a seed (generated datasets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..configurable import Configurable
+
+
+@dataclass
+class DatasetArrays:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    # Per-sample side information stored next to the arrays, e.g. {"snr_train": ..., "snr_test": ...}.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Dataset(Configurable):
+    kind = "dataset"
+    modality: ClassVar[str] = "?"  # "rf", "image" or "pointcloud": attacks declare which they fit
+    generated: ClassVar[bool] = False  # True: built by a generate rule from a seed, nothing to download
+    files: ClassVar[list] = []  # RemoteFile entries the download rule fetches into data_root/<name>/
+
+    def build(self, raw_dir: Path, seed: int) -> DatasetArrays:
+        raise NotImplementedError
