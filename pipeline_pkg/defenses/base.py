@@ -1,0 +1,73 @@
+"""What every defense provides: a backdoored model and a small clean budget in, a purified model out.
+
+Defenses see models only through generic modules (Conv*, Linear, norm layers) and the `features` /
+`classifier` split every architecture has, so each defense works on every architecture unchanged."""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..configurable import Configurable
+
+MetricLogger = Callable[[dict[str, float], int], None]
+
+
+def _no_logging(metrics: dict[str, float], step: int) -> None:
+    pass
+
+
+class Defense(Configurable):
+    kind = "defense"
+    # Hyper-parameters every defense accepts on top of its own.
+    # bn_stats "frozen": normalisation layers keep the backdoored model's running statistics. A clean-only
+    # budget has near-zero variance on trigger-detecting channels, so batch statistics would blow those
+    # channels up and send every input to the target class. "update" uses batch statistics instead.
+    common_defaults: ClassVar[dict] = {"log_every": 20, "bn_stats": "frozen"}
+    method_defaults: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.defaults = {**cls.common_defaults, **cls.method_defaults}
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.tunable_parameters = 0
+
+    def purify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int,
+               log: MetricLogger = _no_logging) -> nn.Module:
+        """Return the purified model (possibly `model` itself, modified in place); set
+        `self.tunable_parameters` to the number of values the defense optimised."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        self.require(self.bn_stats in ("frozen", "update"), "bn_stats", "must be 'frozen' or 'update'")
+        self.check_method()
+
+    def check_method(self) -> None:
+        """Reject bad hyper-parameters of the method; subclasses override."""
+
+    def train_mode(self, model: nn.Module) -> nn.Module:
+        """Training mode for purification, honouring `bn_stats`."""
+        model.train()
+        if self.bn_stats == "frozen":
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return model
+
+    def positive(self, *keys: str) -> None:
+        for key in keys:
+            self.require(float(self.params[key]) > 0, key, "must be positive")
+
+    def non_negative(self, *keys: str) -> None:
+        for key in keys:
+            self.require(float(self.params[key]) >= 0, key, "must be ≥ 0")
+
+
+def freeze_all_but(model: nn.Module, trainable: list[nn.Parameter]) -> None:
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)

@@ -1,0 +1,44 @@
+"""`ft`: vanilla fine-tuning of all weights on the clean budget."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models import count_parameters
+from ..registry import DEFENSES
+from ..runtime import InfiniteBatches, autocast
+from ..trainer import check_finite
+from .base import Defense
+
+
+@DEFENSES.register("ft")
+class FineTuning(Defense):
+    method_defaults = {"steps": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128}
+
+    def check_method(self) -> None:
+        self.positive("steps", "lr", "batch_size")
+        self.non_negative("momentum", "weight_decay")
+
+    def purify(self, model, x, y, *, seed, log=lambda m, s: None):
+        self.train_mode(model)
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        self.tunable_parameters = count_parameters(model)
+        optimizer = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum),
+                                    weight_decay=float(self.weight_decay))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(self.steps))
+        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        for step in range(int(self.steps)):
+            xb, yb = next(batches)
+            with autocast(x.device):
+                loss = F.cross_entropy(model(xb), yb)
+            check_finite(loss, f"ft step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if step % int(self.log_every) == 0:
+                log({"loss": loss.item()}, step)
+        return model.eval()

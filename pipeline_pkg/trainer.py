@@ -1,0 +1,132 @@
+"""The one trainer: data resident on the device, bf16 autocast on GPU, deterministic on CPU, a checkpoint
+every epoch that a restarted job resumes, and a clear error on a NaN loss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .configurable import Configurable
+from .h5io import load_checkpoint, save_checkpoint
+from .runtime import autocast, epoch_order, minibatches
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainSettings(Configurable):
+    kind = "train"
+    defaults = {
+        "epochs": 12,
+        "batch_size": 128,
+        "lr": 0.01,
+        "weight_decay": 5e-4,
+        "optimizer": "adamw",
+        "label_smoothing": 0.0,
+        "device": "auto",
+    }
+
+    def check(self) -> None:
+        self.require(int(self.epochs) > 0, "epochs", "must be a positive integer")
+        self.require(int(self.batch_size) > 0, "batch_size", "must be a positive integer")
+        self.require(float(self.lr) > 0, "lr", "must be positive")
+        self.require(self.optimizer in ("sgd", "adamw"), "optimizer", "must be 'sgd' or 'adamw'")
+        self.require(0 <= float(self.label_smoothing) < 1, "label_smoothing", "must be in [0, 1)")
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=float(settings.lr), momentum=0.9, nesterov=True,
+                               weight_decay=float(settings.weight_decay))
+    return torch.optim.AdamW(params, lr=float(settings.lr), weight_decay=float(settings.weight_decay))
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"{where}: the loss became {loss.item()}; lower the learning rate "
+                               f"or check the input data for NaNs")
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
+                      warmup_share: float = 0.25) -> torch.optim.lr_scheduler.LambdaLR:
+    """One-cycle-shaped schedule: linear warm-up to the base learning rate over the first quarter, then
+    linear decay to zero; defined for any number of steps (torch's OneCycleLR fails on some short runs)."""
+    warmup = max(1, round(warmup_share * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings, *, seed: int,
+        checkpoint: str | Path | None = None, resume_key: str = "",
+        on_epoch: Callable[[int, dict], None] | None = None) -> nn.Module:
+    """Train `model` in place on device-resident (x, y); returns it in eval mode.
+
+    With `checkpoint`, the state after every epoch is saved there and a restarted job resumes from it,
+    but only if it was written for the same `resume_key` (a hash of the job's settings), so a changed
+    config never resumes a stale run."""
+    device = x.device
+    epochs, batch_size = int(settings.epochs), int(settings.batch_size)
+    optimizer = make_optimizer(model.parameters(), settings)
+    steps_per_epoch = -(-len(x) // batch_size)
+    scheduler = warmup_then_decay(optimizer, epochs * steps_per_epoch)
+    start_epoch = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint)
+        if state.get("resume_key") == resume_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = int(state["epoch"]) + 1
+            log.info("resumed from %s after epoch %d", checkpoint, start_epoch)
+        else:
+            log.info("ignoring checkpoint %s: written for other settings", checkpoint)
+
+    smoothing = float(settings.label_smoothing)
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        started, total_loss, correct = time.perf_counter(), 0.0, 0
+        order = epoch_order(len(x), seed, epoch, device)
+        bar = tqdm(minibatches(x, y, batch_size, order), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{epochs}", mininterval=5, leave=False)
+        for xb, yb in bar:
+            with autocast(device):
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
+            check_finite(loss, f"training epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.detach() * len(xb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+        metrics = {"train_loss": float(total_loss) / len(x), "train_acc": float(correct) / len(x),
+                   "epoch_seconds": time.perf_counter() - started}
+        log.info("epoch %d/%d %s", epoch + 1, epochs, {k: round(v, 4) for k, v in metrics.items()})
+        if checkpoint is not None:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch,
+                             "resume_key": resume_key}, checkpoint)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return model.eval()

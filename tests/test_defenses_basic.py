@@ -1,0 +1,147 @@
+"""ft and fip on a tiny model: they run, report their tunable parameters, move the weights, honour
+bn_stats, reject bad hyper-parameters by name, and are deterministic on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline_pkg.configurable import ConfigError
+from pipeline_pkg.defenses.base import Defense
+from pipeline_pkg.models.rf_cnn import RFCNNSpec
+from pipeline_pkg.registry import DEFENSES, UnknownNameError
+
+torch.set_num_threads(1)
+
+L = 64
+C = 3
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    torch.manual_seed(0)
+    model = RFCNNSpec(width=4, hidden=8).build([2, L], C)
+    # Give the BatchNorm layers non-default running statistics, as a trained model would have.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 2, L) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def clean():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 2, L, generator=gen)
+    y = torch.arange(24) % C
+    return x, y
+
+
+def make(name: str, **params) -> Defense:
+    defaults = {"ft": {"steps": 5, "batch_size": 8},
+                "fip": {"steps": 5, "fisher_every": 2, "batch_size": 8}}[name]
+    return DEFENSES.get(name)(**{**defaults, **params})
+
+
+def bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["ft", "fip"])
+def test_purify_runs_and_changes_weights(name, backdoored, clean):
+    model = copy.deepcopy(backdoored)
+    before = parameters(model)
+    defense = make(name)
+    logged = []
+    out = defense.purify(model, *clean, seed=0, log=lambda m, s: logged.append((s, m)))
+    assert isinstance(out, torch.nn.Module)
+    assert not out.training and not any(m.training for m in out.modules())
+    assert defense.tunable_parameters == sum(p.numel() for p in backdoored.parameters())
+    after = parameters(out)
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "weights must change"
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(p.requires_grad for p in out.parameters())
+    assert logged and logged[0][0] == 0 and "loss" in logged[0][1]
+
+
+@pytest.mark.parametrize("name", ["ft", "fip"])
+def test_bn_stats_frozen_vs_update(name, backdoored, clean):
+    stats = bn_buffers(backdoored)
+    assert stats
+
+    frozen = make(name, bn_stats="frozen").purify(copy.deepcopy(backdoored), *clean, seed=0)
+    for k, v in bn_buffers(frozen).items():
+        assert torch.equal(v, stats[k]), f"{k} changed with bn_stats=frozen"
+
+    updated = make(name, bn_stats="update").purify(copy.deepcopy(backdoored), *clean, seed=0)
+    after = bn_buffers(updated)
+    assert any(not torch.equal(after[k], stats[k]) for k in stats if k.endswith("running_mean"))
+    assert all(int(after[k]) == int(stats[k]) + 5 for k in stats if k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("name", ["ft", "fip"])
+def test_purify_is_deterministic(name, backdoored, clean):
+    a = make(name).purify(copy.deepcopy(backdoored), *clean, seed=3)
+    b = make(name).purify(copy.deepcopy(backdoored), *clean, seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    c = make(name).purify(copy.deepcopy(backdoored), *clean, seed=4)
+    assert any(not torch.equal(sa[k], v) for k, v in c.state_dict().items())
+
+
+def test_fip_without_trace_or_retention_is_plain_sgd_finetuning(backdoored, clean):
+    # eta_f = eta_r = 0 leaves cross-entropy only; it still runs and moves the weights.
+    model = copy.deepcopy(backdoored)
+    before = parameters(model)
+    make("fip", eta_f=0.0, eta_r=0.0).purify(model, *clean, seed=0)
+    assert any(not torch.equal(before[k], v) for k, v in parameters(model).items())
+
+
+@pytest.mark.parametrize("name, params, key", [
+    ("ft", {"lr": -1}, "lr"),
+    ("ft", {"steps": 0}, "steps"),
+    ("ft", {"momentum": -0.1}, "momentum"),
+    ("fip", {"momentum": 1.5}, "momentum"),
+    ("fip", {"bn_stats": "x"}, "bn_stats"),
+    ("fip", {"eta_f": -1}, "eta_f"),
+    ("fip", {"probes": 0}, "probes"),
+    ("fip", {"fisher_every": 0}, "fisher_every"),
+    ("ft", {"bn_stats": "train"}, "bn_stats"),
+])
+def test_bad_hyper_parameters(name, params, key):
+    with pytest.raises(ConfigError, match=rf"parameter {key}="):
+        DEFENSES.get(name)(**params)
+
+
+def test_unknown_hyper_parameter_named():
+    with pytest.raises(ConfigError) as info:
+        DEFENSES.get("fip")(foo=1)
+    message = str(info.value)
+    assert "foo" in message and "eta_f" in message and "bn_stats" in message
+
+
+def test_unknown_defense_lists_valid_names():
+    with pytest.raises(UnknownNameError) as info:
+        DEFENSES.get("nope")
+    message = str(info.value)
+    assert "'nope'" in message
+    for name in ("fip", "ft", "none"):
+        assert name in message
+
+
+def test_none_defense_returns_model_unchanged(backdoored, clean):
+    model = copy.deepcopy(backdoored)
+    before = model.state_dict()
+    out = DEFENSES.get("none")().purify(model, *clean, seed=0)
+    assert out is model
+    for k, v in out.state_dict().items():
+        assert torch.equal(v, before[k])
