@@ -1,0 +1,184 @@
+"""Tests for pipeline_pkg.tracking: parallel writers, retries that end in a warning, run status."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline_pkg import tracking
+from pipeline_pkg.tracking import (
+    Tracker,
+    TrackingWarning,
+    ensure_experiment,
+    flatten_params,
+    resolve_tracking_uri,
+    tracker_from_config,
+)
+
+pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+N_WORKERS = 4
+
+# One job of the pipeline, run in its own interpreter: argv = uri, experiment, worker index.
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pipeline_pkg.tracking import Tracker
+
+    uri, experiment, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    params = {"model": {"arch": "resnet18", "width": 64}, "seed": index}
+    with Tracker(uri, experiment, f"job-{index}", tags={"worker": str(index)}, params=params,
+                 backoff=0.2) as tracker:
+        for step in range(3):
+            tracker.log_metrics({"accuracy": index + step / 10, "loss": 1.0 / (step + 1)}, step)
+        tracker.set_tags({"done": "yes"})
+        print(tracker.run_id)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A sqlite database shared by the tests of this module: each migration costs about a second."""
+    db_dir = tmp_path_factory.mktemp("tracking") / "nested" / "results"
+    return f"sqlite:///{db_dir / 'mlflow.db'}"
+
+
+def test_parallel_jobs_log_to_one_sqlite_db(tracking_uri: str) -> None:
+    experiment_id = ensure_experiment(tracking_uri, "parallel")
+    assert experiment_id is not None
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PIPELINE_INVOCATION_ID": "inv-42"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER_SCRIPT, tracking_uri, "parallel", str(index)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(N_WORKERS)
+    ]
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=120)  # generous: CI boxes may be busy
+        assert worker.returncode == 0, stderr
+        assert "TrackingWarning" not in stderr, stderr
+        assert stdout.strip(), stderr
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    assert [e.name for e in client.search_experiments()].count("parallel") == 1
+    runs = client.search_runs([experiment_id])
+    assert len(runs) == N_WORKERS
+    by_worker = {int(run.data.tags["worker"]): run for run in runs}
+    assert sorted(by_worker) == list(range(N_WORKERS))
+    for index, run in by_worker.items():
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"job-{index}"
+        assert run.data.tags["invocation"] == "inv-42"
+        assert run.data.tags["done"] == "yes"
+        assert run.data.params == {
+            "model.arch": "resnet18",
+            "model.width": "64",
+            "seed": str(index),
+        }
+        assert run.data.metrics["accuracy"] == pytest.approx(index + 0.2)
+        assert run.data.metrics["loss"] == pytest.approx(1.0 / 3)
+        history = client.get_metric_history(run.info.run_id, "accuracy")
+        assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_ensure_experiment_is_idempotent(tracking_uri: str) -> None:
+    first = ensure_experiment(tracking_uri, "twice")
+    assert first is not None
+    assert ensure_experiment(tracking_uri, "twice") == first
+
+
+def test_exception_in_block_propagates_and_marks_run_failed(tracking_uri: str, tmp_path: Path) -> None:
+    report = tmp_path / "report.txt"
+    report.write_text("partial results\n")
+    with pytest.raises(RuntimeError, match="training diverged"):
+        with Tracker(tracking_uri, "failing", "doomed", tags={}, params={"lr": 0.1}) as tracker:
+            tracker.log_metrics({"loss": 3.5})
+            tracker.log_artifact(report)
+            run_id = tracker.run_id
+            raise RuntimeError("training diverged")
+
+    assert run_id is not None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {"loss": 3.5}
+    assert [a.path for a in client.list_artifacts(run_id)] == ["report.txt"]
+
+
+def test_unreachable_server_warns_and_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keep MLflow's own HTTP retries out of the way so the test measures only ours.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+
+    with pytest.warns(TrackingWarning, match="tracking is disabled") as caught:
+        with Tracker(uri, "offline", "job", tags={"a": "b"}, params={"x": 1},
+                     retries=2, backoff=0.01) as tracker:
+            tracker.log_metrics({"accuracy": 0.9})
+            tracker.set_tags({"c": "d"})
+            assert tracker.run_id is None
+    # The first failure disables the tracker, so later calls neither retry nor warn again.
+    assert len([w for w in caught if issubclass(w.category, TrackingWarning)]) == 1
+    assert tracker.run_id is None
+
+
+def test_missing_mlflow_disables_tracking_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # makes `import mlflow` raise ImportError
+    monkeypatch.setattr(tracking, "_warned_mlflow_missing", False)
+    with pytest.warns(TrackingWarning, match="not installed") as caught:
+        for _ in range(2):
+            with Tracker("sqlite:///unused.db", "e", "r", tags={}, params={}) as tracker:
+                tracker.log_metrics({"accuracy": 1.0})
+                assert tracker.run_id is None
+        assert ensure_experiment("sqlite:///unused.db", "e") is None
+    assert len(caught) == 1
+
+
+def test_tracking_uri_resolution_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    expected_default = f"sqlite:///{tmp_path.resolve() / 'results' / 'mlflow.db'}"
+    assert resolve_tracking_uri(None, "results") == expected_default
+    assert resolve_tracking_uri("", "results") == expected_default
+    assert resolve_tracking_uri("http://config:5000", "results") == "http://config:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri("http://config:5000", "results") == "http://env:5000"
+    assert resolve_tracking_uri(None, "results") == "http://env:5000"
+
+
+def test_tracker_from_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = {"results_dir": str(tmp_path / "res"), "tracking": {"enabled": False}}
+    tracker = tracker_from_config(config, stage="train", run_name="r", tags={"k": "v"}, params={})
+    assert tracker.uri == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
+    assert tracker.experiment == "backdoor-bench"
+    assert tracker.tags == {"stage": "train", "k": "v"}
+    with tracker:
+        tracker.log_metrics({"accuracy": 1.0})
+        assert tracker.run_id is None
+    assert not (tmp_path / "res").exists()  # disabled means MLflow is never touched
+
+
+def test_flatten_params_dots_stringifies_and_truncates() -> None:
+    flat = flatten_params({"a": {"b": {"c": 1}, "d": [1, 2]}, "long": "x" * 7000, "none": None})
+    assert flat == {"a.b.c": "1", "a.d": "[1, 2]", "long": "x" * 6000, "none": "None"}
