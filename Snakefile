@@ -1,0 +1,57 @@
+# Backdoor attack and purification benchmark:
+# download → generate RF1024 → poison → train → purify → evaluate → aggregate.
+# Every rule's logic lives in pipeline_pkg; the scripts in workflow/scripts only call it.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_]+",
+    attack="[A-Za-z0-9_]+",
+    arch="[A-Za-z0-9_]+",
+    defense="[A-Za-z0-9_]+",
+    seed="[0-9]+",
+
+
+include: "workflow/rules/download.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/poison.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/purify.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+onstart:
+    # Create the MLflow database and experiment once, before parallel jobs race to migrate the schema,
+    # and keep the resolved config where the CLI reruns in each job's log point.
+    from pipeline_pkg.tracking import ensure_experiment, resolve_tracking_uri
+    import yaml
+
+    with atomic_path(paths.resolved_config_file(RESULTS)) as tmp:
+        tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    if config["tracking"]["enabled"]:
+        ensure_experiment(
+            resolve_tracking_uri(config["tracking"]["uri"], RESULTS),
+            config["tracking"]["experiment"],
+        )
+
+
+rule all:
+    input:
+        all_summaries(),
+    default_target: True

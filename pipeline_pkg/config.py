@@ -1,0 +1,103 @@
+"""Loading and checking the pipeline config: the JSON schema (workflow/schemas/config.schema.yaml) checks
+its shape and fills defaults; then every dataset, attack, arch and defense name is checked against the
+registries, and every parameter block against its component's parameters, so a typo fails at start-up
+with the list of valid names instead of hours later in one job."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from .configurable import ConfigError
+from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, UnknownNameError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_yaml(path: str | Path) -> Any:
+    import yaml
+
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def apply_schema(config: dict) -> dict:
+    """Validate against the schema and fill its defaults (as snakemake.utils.validate does)."""
+    import jsonschema
+
+    schema = load_yaml(SCHEMA_PATH)
+    config = copy.deepcopy(config)
+
+    def fill_defaults(validator, properties, instance, schema_):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from jsonschema.Draft202012Validator.VALIDATORS["properties"](
+            validator, properties, instance, schema_)
+
+    validator_class = jsonschema.validators.extend(jsonschema.Draft202012Validator,
+                                                   {"properties": fill_defaults})
+    errors = sorted(validator_class(schema).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        lines = [f"  {'.'.join(map(str, e.path)) or '<top level>'}: {e.message}" for e in errors]
+        raise ConfigError("invalid config (see config/README.md):\n" + "\n".join(lines))
+    return config
+
+
+def component(registry, name: str, params: dict | None, where: str):
+    """Instantiate a registered component, naming the config key on any error."""
+    try:
+        return registry.get(name)(**(params or {}))
+    except UnknownNameError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_names(config: dict) -> None:
+    from .trainer import TrainSettings
+
+    for ds_name, entry in config["datasets"].items():
+        dataset = component(DATASETS, ds_name, entry.get("params"), f"datasets.{ds_name}")
+        for arch in entry["archs"]:
+            spec = component(MODELS, arch, config["models"].get(arch), f"datasets.{ds_name}.archs")
+            if dataset.modality not in spec.modalities:
+                raise ConfigError(f"datasets.{ds_name}.archs: arch {arch!r} is for {list(spec.modalities)} "
+                                  f"data, not {dataset.modality!r}")
+        for attack in entry["attacks"]:
+            obj = component(ATTACKS, attack, config["attacks"].get(attack), f"datasets.{ds_name}.attacks")
+            try:
+                obj.prepare(dataset.modality, config["attacks"])
+            except (ValueError, UnknownNameError) as exc:
+                raise ConfigError(f"datasets.{ds_name}.attacks: {exc}") from None
+    for section, registry in (("attacks", ATTACKS), ("models", MODELS)):
+        for name in config[section]:
+            registry.get(name) if name in registry.names() else component(registry, name, None, section)
+    for name, params in config["defenses"].items():
+        component(DEFENSES, name, params, "defenses")
+    try:
+        TrainSettings(**config["train"])
+    except ConfigError as exc:
+        raise ConfigError(f"train: {exc}") from None
+
+
+def validate(config: dict) -> dict:
+    """The checked config with defaults filled in."""
+    config = apply_schema(config)
+    config["defenses"] = {k: (v or {}) for k, v in config["defenses"].items()}
+    check_names(config)
+    return config
+
+
+def load(path: str | Path) -> dict:
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return validate(raw)

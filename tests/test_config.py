@@ -1,0 +1,76 @@
+"""The config is checked at start-up: shape by the JSON schema, names by the registries."""
+
+import copy
+
+import pytest
+
+from pipeline_pkg.config import ConfigError, load, validate
+
+
+@pytest.fixture
+def default(repo):
+    return load(repo / "config" / "config.yaml")
+
+
+def raw(repo):
+    import yaml
+
+    return yaml.safe_load((repo / "config" / "config.yaml").read_text())
+
+
+def test_default_and_tiny_configs_validate_and_fill_defaults(repo, default):
+    assert default["results_dir"] == "results"
+    assert default["tracking"]["uri"] is None
+    assert default["clean_budget"]["one_shot"] is False
+    assert set(default["defenses"]) == {"none", "ft", "fip"}
+    assert default["datasets"]["rf1024"]["attacks"] == ["none", "burst", "phase"]
+    load(repo / "config" / "tiny.yaml")
+
+
+@pytest.mark.parametrize("section, bad, valid", [
+    ("dataset", lambda c: c["datasets"].update(rf9999=c["datasets"].pop("rf1024")), "rf1024"),
+    ("attack", lambda c: c["datasets"]["rf1024"]["attacks"].append("badnetz"), "burst"),
+    ("arch", lambda c: c["datasets"]["rf1024"]["archs"].append("resnet999"), "rf_cnn"),
+    ("defense", lambda c: c["defenses"].update(fipp={}), "fip"),
+])
+def test_unknown_names_list_the_valid_ones(repo, section, bad, valid):
+    config = raw(repo)
+    bad(config)
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    message = str(err.value)
+    assert f"unknown {section}" in message and valid in message
+
+
+def test_unknown_parameter_names_the_key_and_the_valid_ones(repo):
+    config = raw(repo)
+    config["defenses"]["fip"] = {"stepz": 10}
+    with pytest.raises(ConfigError, match=r"defenses: defense 'fip' has no parameter\(s\) \['stepz'\]"):
+        validate(config)
+
+
+def test_bad_values_are_rejected_with_the_key(repo):
+    config = raw(repo)
+    config["attacks"]["burst"]["rate"] = 1.5
+    with pytest.raises(ConfigError, match="rate=1.5"):
+        validate(config)
+    config = raw(repo)
+    config["train"]["optimizer"] = "adam9"
+    with pytest.raises(ConfigError, match="train: .*optimizer"):
+        validate(config)
+
+
+def test_schema_errors_name_the_path(repo):
+    config = raw(repo)
+    config["seeds"] = ["zero"]
+    config["unknown_top_level"] = 1
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert "seeds.0" in str(err.value) and "unknown_top_level" in str(err.value)
+
+
+def test_validation_does_not_mutate_the_input(repo):
+    config = raw(repo)
+    before = copy.deepcopy(config)
+    validate(config)
+    assert config == before

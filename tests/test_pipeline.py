@@ -1,0 +1,155 @@
+"""The whole DAG on the tiny config, through Snakemake, as a user runs it; then one job rerun by hand."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+DEFENSES = ["none", "ft", "fip"]
+ATTACKS = ["none", "burst"]
+STAGES = ["download", "generate_rf1024", "poison", "train", "purify", "evaluate", "aggregate"]
+
+
+def snakemake(repo: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(repo / "config" / "tiny.yaml"), *args],
+        capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    repo = Path(__file__).resolve().parents[1]
+    workdir = tmp_path_factory.mktemp("pipeline")
+    done = snakemake(repo, workdir, "--cores", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return repo, workdir, workdir / "results-tiny"
+
+
+def read_metrics(results: Path, attack: str, defense: str) -> dict:
+    return json.loads((results / f"rf1024/{attack}/rf_cnn/seed0/{defense}/metrics.json").read_text())
+
+
+def test_every_stage_ran_and_wrote_its_outputs(run):
+    _, _, results = run
+    assert json.loads((Path(run[1]) / "data/rf1024/manifest.json").read_text())["generated"] is True
+    for stage in STAGES:
+        assert any((results / "logs" / stage).rglob("*.log")), stage
+        assert any((results / "benchmarks" / stage).rglob("*.tsv")), stage
+    for ext in ("csv", "md", "png"):
+        assert (results / f"summary/rf1024.{ext}").stat().st_size > 0
+    table = (results / "summary/rf1024.md").read_text()
+    assert "| burst" in table and "| none" in table
+    assert all(f"{d} |" in table.splitlines()[4] for d in DEFENSES)
+
+
+def test_backdoor_is_planted_and_benign_model_is_not_backdoored(run):
+    _, _, results = run
+    benign = read_metrics(results, "none", "none")
+    poisoned = read_metrics(results, "burst", "none")
+    assert poisoned["asr"] >= 0.9
+    assert benign["asr"] <= 0.2
+    assert benign["acc"] > 0.3 and poisoned["acc"] > 0.3  # 8 classes: chance is 0.125
+    assert poisoned["der"] == 0.5  # no defense: no change
+    for attack in ATTACKS:
+        for defense in DEFENSES:
+            m = read_metrics(results, attack, defense)
+            assert set(m) >= {"acc", "asr", "ra", "der", "undefended", "purify_seconds", "trainable_params"}
+            assert 0 <= m["der"] <= 1
+            assert m["undefended"]["asr"] == read_metrics(results, attack, "none")["asr"]
+
+
+def test_defenses_change_the_model_and_none_does_not(run):
+    _, _, results = run
+    base = results / "rf1024/burst/rf_cnn/seed0"
+    original = torch.load(base / "model.pt", weights_only=True)["model"]
+    for defense in DEFENSES:
+        purified = torch.load(base / defense / "model.pt", weights_only=True)["model"]
+        changed = any(not torch.equal(original[k], purified[k]) for k in original)
+        assert changed == (defense != "none"), defense
+        report = json.loads((base / defense / "purify.json").read_text())
+        assert (report["trainable_params"] > 0) == (defense != "none")
+
+
+def test_hdf5_carries_shapes_and_provenance(run):
+    _, _, results = run
+    with h5py.File(results / "rf1024/burst/poison-seed0.h5") as f:
+        n_train = len(f["y_train"])
+        assert len(f["poisoned_idx"]) == round(0.1 * n_train)
+        assert f["x_train"].dtype == "float32" and f["x_train"].shape[1:] == (2, 256)
+        assert (f["y_train"][:][f["poisoned_idx"][:]] == 0).all()
+        assert (f["y_test_bd"][:] == 0).all() and (f["y_test_bd_true"][:] != 0).all()
+        attrs = dict(f.attrs)
+        assert attrs["attack"] == "burst" and int(attrs["seed"]) == 0 and "package_version" in attrs
+        assert json.loads(attrs["attack_params"])["offset"] == 64
+
+
+def test_logs_start_with_the_cli_command_that_reruns_the_job(run):
+    _, _, results = run
+    log = (results / "logs/evaluate/rf1024/burst/rf_cnn/seed0/fip.log").read_text().splitlines()[0]
+    assert "rerun by hand: python -m pipeline_pkg evaluate --config results-tiny/config.yaml" in log
+    assert "--attack burst --arch rf_cnn --seed 0 --defense fip" in log
+
+
+def test_cli_rerun_of_one_job_reproduces_its_result(run):
+    _, workdir, results = run
+    target = results / "rf1024/burst/rf_cnn/seed0/fip/metrics.json"
+    before = json.loads(target.read_text())
+    done = subprocess.run([sys.executable, "-m", "pipeline_pkg", "evaluate", "--config",
+                           "results-tiny/config.yaml", "--dataset", "rf1024", "--attack", "burst",
+                           "--arch", "rf_cnn", "--seed", "0", "--defense", "fip"],
+                          cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = json.loads(target.read_text())
+    assert {k: after[k] for k in ("acc", "asr", "ra", "der")} == {k: before[k] for k in ("acc", "asr", "ra", "der")}
+
+
+def test_every_job_is_one_mlflow_run_with_tags_and_metrics(run):
+    import mlflow
+
+    _, _, results = run
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("backdoor-bench-tiny")
+    # Only the Snakemake invocation's runs: the CLI rerun test logs one more, without that tag.
+    runs = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
+            if "invocation" in r.data.tags]
+    stages = sorted(r.data.tags["stage"] for r in runs)
+    assert stages.count("train") == 2 and stages.count("purify") == 6 and stages.count("evaluate") == 6
+    assert stages.count("aggregate") == 1 and len(runs) == 15
+    assert len({r.data.tags["invocation"] for r in runs}) == 1
+    evaluations = [r for r in runs if r.data.tags["stage"] == "evaluate"]
+    assert {(r.data.tags["attack"], r.data.tags["defense"]) for r in evaluations} == {
+        (a, d) for a in ATTACKS for d in DEFENSES}
+    for r in evaluations:
+        assert {"acc", "asr", "ra", "der", "purify_seconds"} <= set(r.data.metrics)
+        assert r.data.params["defense.name"] == r.data.tags["defense"]
+        m = read_metrics(results, r.data.tags["attack"], r.data.tags["defense"])
+        assert r.data.metrics["asr"] == pytest.approx(m["asr"])
+    train = next(r for r in runs if r.data.tags["stage"] == "train" and r.data.tags["attack"] == "burst")
+    history = client.get_metric_history(train.info.run_id, "train_loss")
+    assert len(history) == 6  # one point per epoch
+
+
+def test_nothing_left_to_do_after_a_complete_run(run):
+    repo, workdir, _ = run
+    done = snakemake(repo, workdir, "-n", "--cores", "2")
+    assert done.returncode == 0
+    assert "Nothing to be done" in done.stdout + done.stderr
+
+
+def test_lint_is_clean_and_dry_run_lists_all_seven_stages(repo, tmp_path):
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--config",
+                          f"results_dir={tmp_path / 'r'}", f"data_root={tmp_path / 'd'}"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    for stage in STAGES:
+        assert f"rule {stage}:" in dry.stdout or f"localrule {stage}:" in dry.stdout, stage

@@ -1,0 +1,58 @@
+import os
+import uuid
+
+from pipeline_pkg import config as pipeline_config
+from pipeline_pkg import paths, stages
+from pipeline_pkg.h5io import atomic_path
+
+
+# Names are checked against the registries and every parameter block against its component, so a typo
+# fails here, before any job runs, with the list of valid names.
+config.update(pipeline_config.validate(config))
+
+RESULTS = config["results_dir"]
+DATA_ROOT = config["data_root"]
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+RUN = "{dataset}/{attack}/{arch}/seed{seed}"
+CONDA_ENV = "../envs/pipeline.yaml"
+
+# One id for every job of this invocation: MLflow groups the runs by it (the `invocation` tag).
+os.environ.setdefault("PIPELINE_INVOCATION_ID", uuid.uuid4().hex[:12])
+
+
+def job_settings(wildcards):
+    """Resolved settings of a job, passed as a param so that a config change reruns the affected jobs."""
+    return stages.job_settings(
+        config,
+        wildcards.dataset,
+        wildcards.attack,
+        wildcards.get("arch"),
+        wildcards.get("defense"),
+    )
+
+
+def run_dirs(dataset):
+    entry = config["datasets"][dataset]
+    return [
+        f"{RESULTS}/{dataset}/{attack}/{arch}/seed{seed}"
+        for attack in entry["attacks"]
+        for arch in entry["archs"]
+        for seed in config["seeds"]
+    ]
+
+
+def dataset_metrics(wildcards):
+    return [
+        f"{run}/{defense}/metrics.json"
+        for run in run_dirs(wildcards.dataset)
+        for defense in config["defenses"]
+    ]
+
+
+def all_summaries():
+    return [
+        path
+        for dataset in config["datasets"]
+        for path in paths.summary_files(RESULTS, dataset).values()
+    ]

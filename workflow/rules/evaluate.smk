@@ -1,0 +1,17 @@
+rule evaluate:
+    input:
+        poison=f"{RESULTS}/{{dataset}}/{{attack}}/poison-seed{{seed}}.h5",
+        backdoored=f"{RESULTS}/{RUN}/model.pt",
+        purified=f"{RESULTS}/{RUN}/{{defense}}/model.pt",
+        report=f"{RESULTS}/{RUN}/{{defense}}/purify.json",
+    output:
+        f"{RESULTS}/{RUN}/{{defense}}/metrics.json",
+    log:
+        f"{LOGS}/evaluate/{RUN}/{{defense}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{RUN}/{{defense}}.tsv"
+    threads: config["threads"]
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/evaluate.py"

@@ -1,0 +1,16 @@
+rule train:
+    input:
+        poison=f"{RESULTS}/{{dataset}}/{{attack}}/poison-seed{{seed}}.h5",
+    output:
+        model=f"{RESULTS}/{RUN}/model.pt",
+    params:
+        settings=job_settings,
+    log:
+        f"{LOGS}/train/{RUN}.log",
+    benchmark:
+        f"{BENCH}/train/{RUN}.tsv"
+    threads: config["threads"]
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/train.py"
