@@ -32,6 +32,12 @@ METRIC_KEYS: tuple[str, ...] = ("acc", "asr", "ra", "der", "purify_seconds", "tr
 #: Metrics of the undefended (backdoored, not purified) model, nested under "undefended".
 UNDEFENDED_KEYS: tuple[str, ...] = ("acc", "asr", "ra")
 REQUIRED_KEYS: tuple[str, ...] = ID_KEYS + METRIC_KEYS + ("undefended",)
+#: Sharpness of the clean loss surface, present when the evaluate stage measured it (NaN otherwise),
+#: for the purified and (nested under "undefended") the backdoored model.
+OPTIONAL_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")
+#: Every averaged column of the long table.
+VALUE_COLUMNS: tuple[str, ...] = (*METRIC_KEYS, *OPTIONAL_KEYS,
+                                  *(f"undefended_{k}" for k in UNDEFENDED_KEYS + OPTIONAL_KEYS))
 
 #: Attack name of the benign reference model: not a backdoor, so it is kept out of the scatter
 #: and out of the per-defense ASR summary.
@@ -104,11 +110,13 @@ def load_results(paths: Iterable[str | os.PathLike]) -> "pd.DataFrame":
         _validate_record(record, path)
         row: dict[str, Any] = {key: record[key] for key in ID_KEYS}
         row.update({key: _as_float(record[key]) for key in METRIC_KEYS})
+        row.update({key: _as_float(record.get(key)) for key in OPTIONAL_KEYS})
         row.update({f"undefended_{key}": _as_float(record["undefended"][key]) for key in UNDEFENDED_KEYS})
+        row.update({f"undefended_{key}": _as_float(record["undefended"].get(key)) for key in OPTIONAL_KEYS})
         row["source"] = str(path)
         rows.append(row)
 
-    columns = [*ID_KEYS, *METRIC_KEYS, *(f"undefended_{k}" for k in UNDEFENDED_KEYS), "source"]
+    columns = [*ID_KEYS, *VALUE_COLUMNS, "source"]
     df = pd.DataFrame(rows, columns=columns)
     df["seed"] = df["seed"].astype("int64")
 
@@ -156,7 +164,7 @@ def summarise(df: "pd.DataFrame") -> "pd.DataFrame":
     """
     import pandas as pd
 
-    value_columns = [*METRIC_KEYS, *(f"undefended_{k}" for k in UNDEFENDED_KEYS)]
+    value_columns = list(VALUE_COLUMNS)
     grouped = df.groupby(_GROUP_KEYS, sort=False)
     means = grouped[value_columns].mean()
     stds = grouped[value_columns].std(ddof=1)

@@ -20,6 +20,7 @@ from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5
 from .models import Classifier, count_parameters
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from .runtime import pick_device, seed_everything
+from .sharpness import sharpness
 from .trainer import TrainSettings, fit, settings_hash
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,20 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
     device = pick_device(config["device"])
     seed_everything(seed, config["threads"])
     data, _ = load_poisoned(poison_file, device)
-    before = attack_metrics(load_model(config, backdoored_model, device)[0], data)
-    after = attack_metrics(load_model(config, purified_model, device)[0], data)
+    backdoored = load_model(config, backdoored_model, device)[0]
+    purified = load_model(config, purified_model, device)[0]
+    before, after = attack_metrics(backdoored, data), attack_metrics(purified, data)
+    settings = config["evaluate"]
+    if settings["sharpness_samples"] > 0:
+        # The loss surface on clean test data that no defense has seen, before and after purification.
+        n = settings["sharpness_samples"]
+        x, y = data["x_test"][:n], data["y_test"][:n]
+        measure = {"iterations": settings["power_iterations"], "probes": settings["trace_probes"], "seed": seed}
+        before.update(sharpness(backdoored, x, y, **measure))
+        unchanged = all(torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(),
+                                                          purified.state_dict().values()))
+        after.update({k: before[k] for k in ("lambda_max", "hessian_trace")} if unchanged
+                     else sharpness(purified, x, y, **measure))
     report = read_json(purify_report)
     result = {"dataset": dataset, "attack": attack, "arch": arch, "seed": seed, "defense": defense,
               **after, "der": defense_effectiveness(before, after), "undefended": before,
@@ -251,6 +264,8 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
     with tracker(config, "evaluate", f"evaluate/{dataset}/{attack}/{arch}/seed{seed}/{defense}",
                  run_tags, {**job_settings(config, dataset, attack, arch, defense), "seed": seed}) as run:
         run.log_metrics({k: float(result[k]) for k in ("acc", "asr", "ra", "der", "purify_seconds",
-                                                         "trainable_params")})
+                                                         "trainable_params", "lambda_max", "hessian_trace")
+                         if k in result})
+        run.log_metrics({f"undefended_{k}": float(v) for k, v in before.items()})
     log.info("%s", {k: result[k] for k in ("acc", "asr", "ra", "der")})
     return write_json(out, result)

@@ -6,6 +6,9 @@ rule evaluate:
         report=f"{RESULTS}/{RUN}/{{defense}}/purify.json",
     output:
         f"{RESULTS}/{RUN}/{{defense}}/metrics.json",
+    params:
+        settings=job_settings,
+        measurements=config["evaluate"],
     log:
         f"{LOGS}/evaluate/{RUN}/{{defense}}.log",
     benchmark:
