@@ -88,6 +88,22 @@ def test_bn_stats_frozen_vs_update(name, backdoored, clean):
 
 
 @pytest.mark.parametrize("name", ["ft", "fip"])
+def test_bn_stats_batch_trains_on_batch_statistics_but_keeps_running_ones(name, backdoored, clean):
+    stats = bn_buffers(backdoored)
+    momenta = [m.momentum for m in backdoored.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    frozen = make(name, bn_stats="frozen").purify(copy.deepcopy(backdoored), *clean, seed=0)
+    batch = make(name, bn_stats="batch").purify(copy.deepcopy(backdoored), *clean, seed=0)
+    after = bn_buffers(batch)
+    for k in stats:
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.equal(after[k], stats[k]), f"{k} changed with bn_stats=batch"
+    # Normalising with batch statistics gives other gradients than the frozen running statistics.
+    assert any(not torch.equal(a, b) for a, b in zip(frozen.parameters(), batch.parameters()))
+    assert [m.momentum for m in batch.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] == momenta
+    assert not batch.training
+
+
+@pytest.mark.parametrize("name", ["ft", "fip"])
 def test_purify_is_deterministic(name, backdoored, clean):
     a = make(name).purify(copy.deepcopy(backdoored), *clean, seed=3)
     b = make(name).purify(copy.deepcopy(backdoored), *clean, seed=3)

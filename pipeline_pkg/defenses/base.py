@@ -12,6 +12,11 @@ from torch import nn
 
 from ..configurable import Configurable
 
+# How normalisation layers behave while a defense trains: keep the running statistics ("frozen"), use
+# batch statistics and update the running ones ("update"), or use batch statistics but keep the running
+# ones ("batch").
+BN_MODES = ("frozen", "update", "batch")
+
 MetricLogger = Callable[[dict[str, float], int], None]
 
 
@@ -43,7 +48,7 @@ class Defense(Configurable):
         raise NotImplementedError
 
     def check(self) -> None:
-        self.require(self.bn_stats in ("frozen", "update"), "bn_stats", "must be 'frozen' or 'update'")
+        self.require(self.bn_stats in BN_MODES, "bn_stats", f"must be one of {list(BN_MODES)}")
         self.check_method()
 
     def check_method(self) -> None:
@@ -52,11 +57,23 @@ class Defense(Configurable):
     def train_mode(self, model: nn.Module) -> nn.Module:
         """Training mode for purification, honouring `bn_stats`."""
         model.train()
-        if self.bn_stats == "frozen":
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if self.bn_stats == "frozen":
                     module.eval()
+                elif self.bn_stats == "batch":
+                    # momentum 0: normalise with batch statistics, leave the running ones untouched
+                    module._purify_momentum = module.momentum
+                    module.momentum = 0.0
         return model
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """Eval mode, with BatchNorm momenta restored after `train_mode`."""
+        for module in model.modules():
+            if hasattr(module, "_purify_momentum"):
+                module.momentum = module._purify_momentum
+                del module._purify_momentum
+        return model.eval()
 
     def positive(self, *keys: str) -> None:
         for key in keys:

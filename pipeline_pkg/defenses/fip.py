@@ -67,4 +67,4 @@ class FisherInformationPurification(Defense):
                 log({"loss": loss.item(), "ce": ce.item()}, step)
         for p in model.parameters():
             p.requires_grad_(True)
-        return model.eval()
+        return self.finish(model)

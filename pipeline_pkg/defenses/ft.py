@@ -41,4 +41,4 @@ class FineTuning(Defense):
             scheduler.step()
             if step % int(self.log_every) == 0:
                 log({"loss": loss.item()}, step)
-        return model.eval()
+        return self.finish(model)
