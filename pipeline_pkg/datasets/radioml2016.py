@@ -68,26 +68,12 @@ _MISSING_SHA256 = (
     f"datasets.radioml2016.params.sha256 to that value in your config")
 
 
-class _FilesFromParams:
-    """`files` for a dataset whose checksum is a parameter, so it exists only on an instance."""
-
-    def __get__(self, instance: RadioML2016 | None, owner: type) -> list[RemoteFile]:
-        if instance is None:
-            raise ConfigError(
-                "radioml2016's file list depends on its sha256 parameter: read `files` from an "
-                "instance, DATASETS.get('radioml2016')(**params).files. " + _MISSING_SHA256)
-        sha256 = instance.params["sha256"]
-        if sha256 is None:
-            raise ConfigError(_MISSING_SHA256)
-        return [RemoteFile(ARCHIVE_NAME, ARCHIVE_URL, sha256=sha256)]
-
-
 @DATASETS.register("radioml2016")
 class RadioML2016(Dataset):
     modality = "rf"
     generated = False
-    files = _FilesFromParams()  # type: ignore[assignment]
     defaults = {
+        "url": ARCHIVE_URL,  # DeepSig's archive, or a mirror of it (e.g. on your cluster)
         "test_fraction": 0.2,
         "snr_db": None,  # None: every SNR; [low, high]: keep frames with low <= SNR <= high (dB)
         "sha256": None,  # SHA-256 of RML2016.10a.tar.bz2; required to download or build
@@ -106,6 +92,13 @@ class RadioML2016(Dataset):
         self.require(sha256 is None or (isinstance(sha256, str)
                                         and re.fullmatch(r"[0-9a-fA-F]{64}", sha256) is not None),
                      "sha256", "must be null or the archive's SHA-256 as 64 hex digits")
+
+    @property
+    def files(self) -> list[RemoteFile]:  # type: ignore[override]
+        """The archive, known only once the config gives its checksum."""
+        if self.params["sha256"] is None:
+            raise ConfigError(_MISSING_SHA256)
+        return [RemoteFile(ARCHIVE_NAME, self.params["url"], sha256=self.params["sha256"])]
 
     def build(self, raw_dir: Path, seed: int) -> DatasetArrays:
         remote = self.files[0]  # raises ConfigError while sha256 is unset
