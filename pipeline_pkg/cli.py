@@ -93,40 +93,40 @@ def train_cmd(config_path, dataset, attack, arch, seed, out) -> None:
                             out or paths.train_dir(results, dataset, attack, arch, seed) / "model.pt"))
 
 
+def run_options(command):
+    """The options that name one purify/evaluate job."""
+    for option in reversed((CONFIG, DATASET, ATTACK, ARCH, SEED, DEFENSE)):
+        command = option(command)
+    return command
+
+
+def run_files(config: dict, dataset: str, attack: str, arch: str, seed: int, defense: str) -> dict[str, Path]:
+    """Where the pipeline keeps one (dataset, attack, arch, seed, defense) job's inputs and outputs."""
+    results = config["results_dir"]
+    out_dir = paths.defense_dir(results, dataset, attack, arch, seed, defense)
+    return {"poison": paths.poison_file(results, dataset, attack, seed),
+            "backdoored": paths.train_dir(results, dataset, attack, arch, seed) / "model.pt",
+            "purified": out_dir / "model.pt", "report": out_dir / "purify.json", "metrics": out_dir / "metrics.json"}
+
+
 @main.command("purify")
-@CONFIG
-@DATASET
-@ATTACK
-@ARCH
-@SEED
-@DEFENSE
+@run_options
 def purify_cmd(config_path, dataset, attack, arch, seed, defense) -> None:
     """Purify a trained model with one defense on the clean budget."""
     config = _config(config_path)
-    results = config["results_dir"]
-    train_dir = paths.train_dir(results, dataset, attack, arch, seed)
-    out_dir = paths.defense_dir(results, dataset, attack, arch, seed, defense)
-    click.echo(stages.purify(config, dataset, attack, arch, seed, defense,
-                             paths.poison_file(results, dataset, attack, seed), train_dir / "model.pt",
-                             out_dir / "model.pt", out_dir / "purify.json"))
+    f = run_files(config, dataset, attack, arch, seed, defense)
+    click.echo(stages.purify(config, dataset, attack, arch, seed, defense, f["poison"], f["backdoored"],
+                             f["purified"], f["report"]))
 
 
 @main.command("evaluate")
-@CONFIG
-@DATASET
-@ATTACK
-@ARCH
-@SEED
-@DEFENSE
+@run_options
 def evaluate_cmd(config_path, dataset, attack, arch, seed, defense) -> None:
     """ACC, ASR, RA and DER of a purified model against its undefended original."""
     config = _config(config_path)
-    results = config["results_dir"]
-    train_dir = paths.train_dir(results, dataset, attack, arch, seed)
-    out_dir = paths.defense_dir(results, dataset, attack, arch, seed, defense)
-    click.echo(stages.evaluate(config, dataset, attack, arch, seed, defense,
-                               paths.poison_file(results, dataset, attack, seed), train_dir / "model.pt",
-                               out_dir / "model.pt", out_dir / "purify.json", out_dir / "metrics.json"))
+    f = run_files(config, dataset, attack, arch, seed, defense)
+    click.echo(stages.evaluate(config, dataset, attack, arch, seed, defense, f["poison"], f["backdoored"],
+                               f["purified"], f["report"], f["metrics"]))
 
 
 @main.command("aggregate")

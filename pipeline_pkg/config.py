@@ -77,9 +77,11 @@ def check_names(config: dict) -> None:
                 obj.prepare(dataset.modality, config["attacks"])
             except (ValueError, UnknownNameError) as exc:
                 raise ConfigError(f"datasets.{ds_name}.attacks: {exc}") from None
+    # Parameter blocks of components no dataset lists yet are checked too: a typo there should not wait
+    # for the day the component is switched on.
     for section, registry in (("attacks", ATTACKS), ("models", MODELS)):
-        for name in config[section]:
-            registry.get(name) if name in registry.names() else component(registry, name, None, section)
+        for name, params in config[section].items():
+            component(registry, name, params, f"{section}.{name}")
     for name, params in config["defenses"].items():
         component(DEFENSES, name, params, "defenses")
     try:
