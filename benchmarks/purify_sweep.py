@@ -1,0 +1,53 @@
+"""Run one defense with given hyper-parameters on a model the pipeline trained, and print ACC/ASR/RA
+before and after with the wall time: the tool behind the README's FIP measurements.
+
+    python benchmarks/purify_sweep.py --attack burst --defense fip --params '{"steps": 300}'
+
+Reads results/<dataset>/<attack>/<arch>/seed<seed>/model.pt and the poison file next to it (run
+`snakemake --cores 2` first); writes nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+import torch
+
+from pipeline_pkg import paths, stages
+from pipeline_pkg.config import load
+from pipeline_pkg.evaluator import attack_metrics
+from pipeline_pkg.registry import DEFENSES
+from pipeline_pkg.runtime import pick_device, seed_everything
+
+
+@click.command()
+@click.option("--config", "config_path", default="config/config.yaml", show_default=True)
+@click.option("--dataset", default="rf1024", show_default=True)
+@click.option("--attack", default="burst", show_default=True)
+@click.option("--arch", default="rf_cnn", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--defense", default="fip", show_default=True)
+@click.option("--params", default="{}", help="the defense's hyper-parameters as JSON")
+@click.option("--threads", default=1, show_default=True)
+def main(config_path, dataset, attack, arch, seed, defense, params, threads) -> None:
+    config = load(config_path)
+    results = config["results_dir"]
+    device = pick_device(config["device"])
+    seed_everything(seed, threads)
+    data, _ = stages.load_poisoned(paths.poison_file(results, dataset, attack, seed), device)
+    model, _ = stages.load_model(config, paths.train_dir(results, dataset, attack, arch, seed) / "model.pt",
+                                 device)
+    before = attack_metrics(model, data)
+    method = DEFENSES.get(defense)(**json.loads(params))
+    x, y = stages.clean_budget(data, config, seed)
+    started = time.perf_counter()
+    purified = method.purify(model, x, y, seed=seed)
+    seconds = time.perf_counter() - started
+    after = attack_metrics(purified, data)
+    click.echo(json.dumps({"attack": attack, "defense": defense, "params": json.loads(params),
+                           "before": before, "after": after, "seconds": round(seconds, 1)}))
+
+
+if __name__ == "__main__":
+    main()
