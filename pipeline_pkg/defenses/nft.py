@@ -1,0 +1,155 @@
+"""`nft`: Neural mask Fine-Tuning (Karim et al., "Augmented Neural Fine-Tuning for Efficient Backdoor
+Purification", ECCV 2024).
+
+Every weight stays frozen; NFT learns one multiplicative mask m per normalisation channel, so that a
+norm layer's affine scale γ becomes γ·m (m starts at 1). The masks are trained on MixUp of the clean
+budget (λ ~ Beta(α, α) per batch) with loss
+
+    λ·CE(f(x̃), y_a) + (1 − λ)·CE(f(x̃), y_b) + (c / N_c)·Σ|1 − m|,
+
+N_c being the clean samples per class; after every optimiser step the masks of the l-th masked layer
+(module order) are clipped to [a·exp(−b·l), 1], so deeper layers may be scaled down further. At the end
+the masks are baked into γ: the returned model has a plain state dict with the original keys.
+
+The masks are attached generically with `torch.nn.utils.parametrize` to the `weight` of every
+normalisation layer that has one (BatchNorm/InstanceNorm, LayerNorm — one mask entry per normalised
+element —, GroupNorm, RMSNorm), so no per-architecture code is needed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..registry import DEFENSES
+from ..runtime import InfiniteBatches, autocast
+from ..trainer import check_finite
+from .base import Defense
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+class ChannelMask(nn.Module):
+    """Parametrization γ ↦ γ·m with a learnable mask m of γ's shape, starting at 1."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.mask = nn.Parameter(torch.ones_like(weight, requires_grad=True))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def masked_layers(model: nn.Module) -> list[nn.Module]:
+    """Normalisation layers with an affine scale, in module order."""
+    return [m for m in model.modules()
+            if isinstance(m, NORM_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+def clip_bounds(n_layers: int, a: float, b: float) -> list[float]:
+    """Lower clip bound a·exp(−b·l) of each masked layer l = 0, 1, …; the upper bound is 1."""
+    return [a * math.exp(-b * layer) for layer in range(n_layers)]
+
+
+def beta_sample(alpha: float, gen: torch.Generator) -> float:
+    """λ ~ Beta(α, α) from a seeded generator, as G₁ / (G₁ + G₂) with G ~ Gamma(α, 1), computed in log
+    space (Gamma(α) = Gamma(α + 1)·U^(1/α)) so that small α, where G underflows, still gives λ near 0
+    or 1 rather than 0/0."""
+    shape = torch.full((2,), float(alpha) + 1, dtype=torch.float64)
+    log_g = torch._standard_gamma(shape, generator=gen).log() + \
+        (1 - torch.rand(2, dtype=torch.float64, generator=gen)).log() / float(alpha)  # U in (0, 1]
+    return torch.sigmoid(log_g[0] - log_g[1]).item()
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """MixUp of one batch: (λ·x + (1 − λ)·x[perm], y, y[perm], λ) with λ ~ Beta(α, α) and a random
+    permutation of the batch, both from `gen` (a CPU generator). With one sample per class the
+    permutation still pairs samples of different classes."""
+    lam = beta_sample(alpha, gen)
+    perm = torch.randperm(len(x), generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+
+
+def mixup_loss(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float) -> torch.Tensor:
+    return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+
+
+@DEFENSES.register("nft")
+class NeuralMaskFineTuning(Defense):
+    method_defaults = {"steps": 1000, "lr": 0.05, "momentum": 0.95, "batch_size": 128, "c": 1e-3,
+                       "a": 0.8, "b": 0.5, "mixup_alpha": 1.0}
+
+    def check_method(self) -> None:
+        self.positive("steps", "lr", "batch_size", "mixup_alpha")
+        self.non_negative("momentum", "c", "b")
+        self.require(float(self.momentum) < 1, "momentum", "must be < 1")
+        self.require(0 < float(self.a) <= 1, "a", "must be in (0, 1]")
+        for key in ("steps", "batch_size"):
+            self.require(float(self.params[key]) == int(self.params[key]), key, "must be an integer")
+        for key in ("lr", "momentum", "c", "a", "b", "mixup_alpha"):
+            self.require(math.isfinite(float(self.params[key])), key, "must be finite")
+
+    def purify(self, model, x, y, *, seed, log=lambda m, s: None):
+        layers = masked_layers(model)
+        if not layers:
+            raise ValueError(f"{self.name}: the model has no normalisation layer with an affine scale to mask")
+        if len(x) == 0:
+            raise ValueError(f"{self.name}: the clean budget is empty")
+        requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        key_order = [list(layer._parameters) for layer in layers]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        masks: list[nn.Parameter] = []
+        baked = False
+        try:
+            for layer in layers:
+                parametrize.register_parametrization(layer, "weight", ChannelMask(layer.weight))
+                masks.append(layer.parametrizations.weight[0].mask)
+            self.tunable_parameters = sum(m.numel() for m in masks)
+            lower = clip_bounds(len(layers), float(self.a), float(self.b))
+            # N_c: clean samples per class of the budget (1 in one-shot mode).
+            samples_per_class = max(1.0, len(y) / max(1, int(torch.unique(y).numel())))
+            reg_weight = float(self.c) / samples_per_class
+            optimizer = torch.optim.SGD(masks, lr=float(self.lr), momentum=float(self.momentum))
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(self.steps))
+            batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+            gen = torch.Generator().manual_seed(seed)
+            self.train_mode(model)
+            for step in range(int(self.steps)):
+                xb, yb = next(batches)
+                x_mix, y_a, y_b, lam = mixup(xb, yb, float(self.mixup_alpha), gen)
+                with autocast(x.device):
+                    ce = mixup_loss(model(x_mix), y_a, y_b, lam)
+                reg = sum((1 - m).abs().sum() for m in masks)
+                loss = ce + reg_weight * reg
+                check_finite(loss, f"{self.name} step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    for mask, low in zip(masks, lower):
+                        mask.clamp_(low, 1.0)
+                if step % int(self.log_every) == 0:
+                    log({"loss": loss.item(), "ce": ce.item(), "mask_l1": reg.item(),
+                         "mask_mean": sum(m.sum().item() for m in masks) / self.tunable_parameters,
+                         "lam": lam}, step)
+            self.mask_means = [m.mean().item() for m in masks]
+            baked = True
+        finally:
+            # Bake γ·m into γ on success; on failure restore the untouched γ. Either way the model
+            # leaves with plain parameters under the original state-dict keys, in the original order.
+            for layer, order in zip(layers, key_order):
+                if parametrize.is_parametrized(layer, "weight"):
+                    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=baked)
+                for key in order:
+                    layer._parameters[key] = layer._parameters.pop(key)
+            for p in model.parameters():
+                p.requires_grad_(requires_grad.get(id(p), True))
+            self.finish(model)
+        return model
