@@ -14,7 +14,7 @@ import time
 import click
 import torch
 
-from pipeline_pkg import paths, stages
+from pipeline_pkg import stages
 from pipeline_pkg.config import load
 from pipeline_pkg.evaluator import attack_metrics
 from pipeline_pkg.registry import DEFENSES
@@ -32,12 +32,9 @@ from pipeline_pkg.runtime import pick_device, seed_everything
 @click.option("--threads", default=1, show_default=True)
 def main(config_path, dataset, attack, arch, seed, defense, params, threads) -> None:
     config = load(config_path)
-    results = config["results_dir"]
     device = pick_device(config["device"])
     seed_everything(seed, threads)
-    data, _ = stages.load_poisoned(paths.poison_file(results, dataset, attack, seed), device)
-    model, _ = stages.load_model(config, paths.train_dir(results, dataset, attack, arch, seed) / "model.pt",
-                                 device)
+    data, model = stages.load_trained(config, dataset, attack, arch, seed, device)
     before = attack_metrics(model, data)
     method = DEFENSES.get(defense)(**json.loads(params))
     x, y = stages.clean_budget(data, config, seed)

@@ -173,6 +173,17 @@ def load_model(config: dict, path: str | Path, device: torch.device) -> tuple[Cl
     return model.to(device).eval(), ckpt
 
 
+def load_trained(config: dict, dataset: str, attack: str, arch: str, seed: int,
+                 device: torch.device) -> tuple[dict[str, torch.Tensor], Classifier]:
+    """The poison-stage tensors and the trained (undefended) model of one run, from the results folder."""
+    from . import paths
+
+    results = config["results_dir"]
+    data, _ = load_poisoned(paths.poison_file(results, dataset, attack, seed), device)
+    model, _ = load_model(config, paths.train_dir(results, dataset, attack, arch, seed) / "model.pt", device)
+    return data, model
+
+
 # --- train ---
 
 def train(config: dict, dataset: str, attack: str, arch: str, seed: int, poison_file: str | Path,
