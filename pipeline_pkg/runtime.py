@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from typing import Iterator
 
@@ -76,7 +75,3 @@ class InfiniteBatches:
                 return next(self._iter)
             except StopIteration:
                 self._iter = None
-
-
-def env_threads(default: int = 1) -> int:
-    return int(os.environ.get("PIPELINE_THREADS", default))
