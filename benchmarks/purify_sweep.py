@@ -12,7 +12,6 @@ import json
 import time
 
 import click
-import torch
 
 from pipeline_pkg import stages
 from pipeline_pkg.config import load

@@ -22,6 +22,7 @@ from pipeline_pkg.models.base import Classifier
 from pipeline_pkg.models.rf_cnn import RFCNNSpec
 from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.trainer import TrainingDiverged
+from tiny import clean_budget, with_running_stats
 
 torch.set_num_threads(1)
 
@@ -54,11 +55,7 @@ def with_stats(model: nn.Module) -> nn.Module:
             m.weight.uniform_(0.5, 1.5)
             if isinstance(getattr(m, "bias", None), torch.Tensor):
                 m.bias.uniform_(-0.2, 0.2)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 2, L) * 2 + 0.5)
-    return model.eval()
+    return with_running_stats(model, L)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +72,7 @@ def small_cnn():
 
 @pytest.fixture(scope="module")
 def clean():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(24, 2, L, generator=gen)
-    y = torch.arange(24) % C
-    return x, y
+    return clean_budget(L, C)
 
 
 def make(**params):

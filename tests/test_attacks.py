@@ -13,7 +13,7 @@ from pipeline_pkg.attacks.burst import BurstAttack
 from pipeline_pkg.attacks.none import NoAttack
 from pipeline_pkg.attacks.phase import PhaseAttack
 from pipeline_pkg.configurable import ConfigError
-from pipeline_pkg.registry import ATTACKS, UnknownNameError
+from pipeline_pkg.registry import ATTACKS
 
 torch.set_num_threads(1)
 

@@ -10,8 +10,8 @@ import torch
 
 from pipeline_pkg.configurable import ConfigError
 from pipeline_pkg.defenses.base import Defense
-from pipeline_pkg.models.rf_cnn import RFCNNSpec
-from pipeline_pkg.registry import DEFENSES, UnknownNameError
+from pipeline_pkg.registry import DEFENSES
+from tiny import clean_budget, tiny_rf_cnn
 
 torch.set_num_threads(1)
 
@@ -21,22 +21,12 @@ C = 3
 
 @pytest.fixture(scope="module")
 def backdoored():
-    torch.manual_seed(0)
-    model = RFCNNSpec(width=4, hidden=8).build([2, L], C)
-    # Give the BatchNorm layers non-default running statistics, as a trained model would have.
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 2, L) * 2 + 0.5)
-    return model.eval()
+    return tiny_rf_cnn(L, C)
 
 
 @pytest.fixture(scope="module")
 def clean():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(24, 2, L, generator=gen)
-    y = torch.arange(24) % C
-    return x, y
+    return clean_budget(L, C)
 
 
 def make(name: str, **params) -> Defense:

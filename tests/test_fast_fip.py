@@ -22,6 +22,7 @@ from pipeline_pkg.models.conv5 import Conv5Spec
 from pipeline_pkg.models.rf_cnn import RFCNNSpec
 from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.trainer import TrainingDiverged
+from tiny import clean_budget
 
 torch.set_num_threads(1)
 
@@ -65,10 +66,7 @@ def backdoored():
 
 @pytest.fixture(scope="module")
 def clean():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(24, 2, L, generator=gen)
-    y = torch.arange(24) % C
-    return x, y
+    return clean_budget(L, C)
 
 
 def make(**params):

@@ -19,6 +19,7 @@ from pipeline_pkg.evaluator import attack_metrics
 from pipeline_pkg.models.conv5 import Conv5Spec
 from pipeline_pkg.models.rf_cnn import RFCNNSpec
 from pipeline_pkg.registry import DEFENSES
+from tiny import clean_budget, with_running_stats
 
 torch.set_num_threads(1)
 
@@ -28,11 +29,7 @@ C = 4
 
 def trained_like(model: torch.nn.Module) -> torch.nn.Module:
     """Non-default running statistics, as a trained model would have."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 2, L) * 2 + 0.5)
-    return model.eval()
+    return with_running_stats(model, L)
 
 
 @pytest.fixture
@@ -49,10 +46,7 @@ def tiny_conv5():
 
 @pytest.fixture(scope="module")
 def clean():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(24, 2, L, generator=gen)
-    y = torch.arange(24) % C
-    return x, y
+    return clean_budget(L, C)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
