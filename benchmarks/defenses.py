@@ -13,7 +13,6 @@ import copy
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import click
@@ -25,16 +24,6 @@ from pipeline_pkg.evaluator import attack_metrics
 from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.runtime import pick_device, seed_everything
 from pipeline_pkg.sharpness import sharpness
-
-
-def timed_purify(defense, model, x, y, seed: int, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    purified = defense.purify(model, x, y, seed=seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return purified, time.perf_counter() - started
 
 
 @click.command()
@@ -65,7 +54,7 @@ def main(config_path, dataset, attack, arch, seed, defenses, params, repeats, th
         seconds = []
         for _ in range(repeats):
             defense = DEFENSES.get(name)(**settings)
-            purified, elapsed = timed_purify(defense, copy.deepcopy(backdoored), x, y, seed, device)
+            purified, elapsed = stages.timed_purify(defense, copy.deepcopy(backdoored), x, y, seed)
             seconds.append(elapsed)
         metrics = {**attack_metrics(purified, data), **sharpness(purified, *probe, iterations=10, probes=1)}
         rows.append((name, statistics.median(seconds), defense.tunable_parameters, metrics))

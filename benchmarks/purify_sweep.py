@@ -9,7 +9,6 @@ Reads results/<dataset>/<attack>/<arch>/seed<seed>/model.pt and the poison file 
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
@@ -37,9 +36,7 @@ def main(config_path, dataset, attack, arch, seed, defense, params, threads) -> 
     before = attack_metrics(model, data)
     method = DEFENSES.get(defense)(**json.loads(params))
     x, y = stages.clean_budget(data, config, seed)
-    started = time.perf_counter()
-    purified = method.purify(model, x, y, seed=seed)
-    seconds = time.perf_counter() - started
+    purified, seconds = stages.timed_purify(method, model, x, y, seed)
     after = attack_metrics(purified, data)
     click.echo(json.dumps({"attack": attack, "defense": defense, "params": json.loads(params),
                            "before": before, "after": after, "seconds": round(seconds, 1)}))

@@ -217,6 +217,21 @@ def train(config: dict, dataset: str, attack: str, arch: str, seed: int, poison_
 
 # --- purify ---
 
+def timed_purify(method, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
+                 log=None) -> tuple[torch.nn.Module, float]:
+    """Run one defense and measure its wall time; on a GPU the clock waits for queued kernels on
+    both ends, or it would time the launches instead of the work."""
+    def synchronize() -> None:
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    synchronize()
+    started = time.perf_counter()
+    purified = method.purify(model, x, y, seed=seed, log=log or (lambda metrics, step: None))
+    synchronize()
+    return purified, time.perf_counter() - started
+
+
 def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defense: str,
            poison_file: str | Path, model_in: str | Path, model_out: str | Path,
            report_out: str | Path) -> Path:
@@ -230,13 +245,7 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
     run_tags = tags("purify", dataset, attack, arch, seed, defense)
     with tracker(config, "purify", f"purify/{dataset}/{attack}/{arch}/seed{seed}/{defense}",
                  run_tags, resolved) as run:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        purified = method.purify(model, x_clean, y_clean, seed=seed, log=run.log_metrics)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        purified, seconds = timed_purify(method, model, x_clean, y_clean, seed, log=run.log_metrics)
         report = {"purify_seconds": seconds, "trainable_params": int(method.tunable_parameters),
                   "total_params": count_parameters(purified, trainable_only=False),
                   "clean_samples": len(x_clean)}
