@@ -62,8 +62,6 @@ def component(registry, name: str, params: dict | None, where: str):
 
 
 def check_names(config: dict) -> None:
-    from .trainer import TrainSettings
-
     for ds_name, entry in config["datasets"].items():
         dataset = component(DATASETS, ds_name, entry.get("params"), f"datasets.{ds_name}")
         for arch in entry["archs"]:
@@ -84,10 +82,25 @@ def check_names(config: dict) -> None:
             component(registry, name, params, f"{section}.{name}")
     for name, params in config["defenses"].items():
         component(DEFENSES, name, params, "defenses")
+    from .trainer import TrainSettings
+
     try:
         TrainSettings(**config["train"])
     except ConfigError as exc:
         raise ConfigError(f"train: {exc}") from None
+    for ds_name in config["datasets"]:
+        try:
+            train_settings(config, ds_name)
+        except ConfigError as exc:
+            raise ConfigError(f"datasets.{ds_name}.train: {exc}") from None
+
+
+def train_settings(config: dict, dataset: str):
+    """The trainer settings of one dataset: the `train` section, overridden by datasets.<name>.train
+    (an image set and an RF set rarely want the same epochs and learning rate)."""
+    from .trainer import TrainSettings
+
+    return TrainSettings(**{**config["train"], **config["datasets"][dataset].get("train", {})})
 
 
 def validate(config: dict) -> dict:

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .attacks import Attack
-from .config import component
+from .config import component, train_settings
 from .datasets.base import Dataset
 from .evaluator import attack_metrics, defense_effectiveness
 from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5, write_json
@@ -21,9 +21,12 @@ from .models import Classifier, count_parameters
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from .runtime import pick_device, seed_everything
 from .sharpness import sharpness
-from .trainer import TrainSettings, fit, settings_hash
+from .trainer import fit, settings_hash
 
 log = logging.getLogger(__name__)
+
+# Prefix of a learned trigger's arrays in the poison file (Attack.state_arrays).
+TRIGGER_STATE = "trigger."
 
 
 # --- resolved settings: what each job depends on; logged as MLflow params and hashed for resume ---
@@ -47,7 +50,7 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
     }
     if arch is not None:
         settings["arch"] = {"name": arch, **component(MODELS, arch, config["models"].get(arch), "models").params}
-        settings["train"] = TrainSettings(**config["train"]).params
+        settings["train"] = train_settings(config, dataset).params
     if defense is not None:
         settings["defense"] = {"name": defense,
                                **component(DEFENSES, defense, config["defenses"].get(defense), "defenses").params}
@@ -122,6 +125,7 @@ def poison(config: dict, dataset: str, attack: str, seed: int, data_file: str | 
     x_train, y_train = arrays["x_train"], arrays["y_train"]
     val_idx = stratified_holdout(y_train, float(config["clean_budget"]["fraction"]), rng)
     rest = np.setdiff1d(np.arange(len(y_train)), val_idx)
+    atk.fit(x_train[rest], y_train[rest], num_classes, seed)
     x_p, y_p, poisoned = atk.poison(x_train[rest], y_train[rest], num_classes, rng)
     x_bd, y_bd, y_bd_true = atk.triggered_test(arrays["x_test"], arrays["y_test"], num_classes)
     log.info("%s: poisoned %d of %d training samples; %d triggered test samples; %d clean held out",
@@ -131,19 +135,24 @@ def poison(config: dict, dataset: str, attack: str, seed: int, data_file: str | 
         "x_val": x_train[val_idx], "y_val": y_train[val_idx],
         "x_test": arrays["x_test"], "y_test": arrays["y_test"],
         "x_test_bd": x_bd, "y_test_bd": y_bd, "y_test_bd_true": y_bd_true,
+        **{TRIGGER_STATE + key: value for key, value in atk.state_arrays().items()},
     }, {**{k: attrs[k] for k in ("dataset", "modality", "class_names")}, "attack": attack,
         "attack_params": atk.params, "seed": seed, "clean_budget": config["clean_budget"]})
 
 
 def load_poisoned(path: str | Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """The poison stage's arrays as device tensors (images stay uint8), without the trigger state."""
     arrays, attrs = read_h5(path)
-    tensors = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+    tensors = {k: torch.from_numpy(v).to(device) for k, v in arrays.items() if not k.startswith(TRIGGER_STATE)}
     return tensors, attrs
 
 
 def clean_budget(data: dict[str, torch.Tensor], config: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The defenses' clean data: the held-out pool, or one sample per class in one-shot mode."""
     x, y = data["x_val"], data["y_val"]
+    if x.dtype == torch.uint8:
+        # Defenses mix and perturb their clean images, which needs floats (models take [0, 1]).
+        x = x.float() / 255.0
     if config["clean_budget"].get("one_shot"):
         rng = np.random.default_rng(seed)
         y_np = y.cpu().numpy()
@@ -191,13 +200,15 @@ def train(config: dict, dataset: str, attack: str, arch: str, seed: int, poison_
     device = pick_device(config["device"])
     seed_everything(seed, config["threads"])
     data, attrs = load_poisoned(poison_file, device)
-    settings = TrainSettings(**config["train"])
+    settings = train_settings(config, dataset)
     resolved = {**job_settings(config, dataset, attack, arch), "seed": seed}
     model = build_model(config, arch, data["x_train"].shape[1:], len(attrs["class_names"])).to(device)
     run_tags = tags("train", dataset, attack, arch, seed)
+    history: list[dict] = []
     with tracker(config, "train", f"train/{dataset}/{attack}/{arch}/seed{seed}", run_tags, resolved) as run:
         def on_epoch(epoch: int, metrics: dict) -> None:
             metrics = {**metrics, **attack_metrics(model, data)}
+            history.append({"epoch": epoch, **metrics})
             model.train()
             log.info("epoch %d test: acc %.4f asr %.4f", epoch + 1, metrics["acc"], metrics["asr"])
             run.log_metrics(metrics, step=epoch)
@@ -205,9 +216,11 @@ def train(config: dict, dataset: str, attack: str, arch: str, seed: int, poison_
         started = time.perf_counter()
         fit(model, data["x_train"], data["y_train"], settings, seed=seed,
             checkpoint=Path(out).with_name("checkpoint.pt"), resume_key=settings_hash(resolved),
-            on_epoch=on_epoch)
-        final = attack_metrics(model, data)
-        run.log_metrics({**final, "train_seconds": time.perf_counter() - started})
+            augment=dataset_obj(config, dataset).params.get("augment", ()), on_epoch=on_epoch)
+        final = {**attack_metrics(model, data), "train_seconds": time.perf_counter() - started}
+        run.log_metrics(final)
+    # What the run logged, on disk, so that `sync-tracking` can re-send it if MLflow missed it.
+    write_json(Path(out).with_name("train.json"), {"final": final, "history": history})
     meta = {"arch": arch, "input_shape": list(data["x_train"].shape[1:]),
             "num_classes": len(attrs["class_names"]), "package_version": __version__}
     path = save_model(model, out, meta)

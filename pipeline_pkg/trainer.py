@@ -8,13 +8,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .augment import augmenter
 from .configurable import Configurable
 from .h5io import load_checkpoint, save_checkpoint
 from .runtime import autocast, epoch_order, minibatches
@@ -78,9 +79,10 @@ def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings, *, seed: int,
-        checkpoint: str | Path | None = None, resume_key: str = "",
+        checkpoint: str | Path | None = None, resume_key: str = "", augment: Sequence[str] = (),
         on_epoch: Callable[[int, dict], None] | None = None) -> nn.Module:
-    """Train `model` in place on device-resident (x, y); returns it in eval mode.
+    """Train `model` in place on device-resident (x, y); returns it in eval mode. `augment` names
+    batched device augmentations (pipeline_pkg.augment) applied to every training batch.
 
     With `checkpoint`, the state after every epoch is saved there and a restarted job resumes from it,
     but only if it was written for the same `resume_key` (a hash of the job's settings), so a changed
@@ -103,13 +105,23 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSetti
             log.info("ignoring checkpoint %s: written for other settings", checkpoint)
 
     smoothing = float(settings.label_smoothing)
+    # Tensor cores want NHWC for convolutions; the model converts uint8 input keeping its layout.
+    channels_last = device.type == "cuda" and x.ndim == 4
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     for epoch in range(start_epoch, epochs):
         model.train()
         started, total_loss, correct = time.perf_counter(), 0.0, 0
         order = epoch_order(len(x), seed, epoch, device)
+        # Seeded from (seed, epoch) like the order, so a resumed epoch sees the same augmentations.
+        augment_batch = augmenter(augment, device, seed * 100_003 + epoch + 50_021) if augment else None
         bar = tqdm(minibatches(x, y, batch_size, order), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{epochs}", mininterval=5, leave=False)
         for xb, yb in bar:
+            if augment_batch is not None:
+                xb = augment_batch(xb)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)

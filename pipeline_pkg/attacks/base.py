@@ -42,6 +42,15 @@ class Attack(Configurable):
                              f"not on {modality!r} data; choose an attack for this dataset")
         return self
 
+    def fit(self, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int) -> None:
+        """Attacks with a learned trigger (a generator, an optimised pattern) train it here, inside the
+        poison stage, on the training data they will poison; fixed triggers need nothing."""
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """A learned trigger's tensors, saved with the poisoned data so the trigger can be inspected
+        and rebuilt; empty for fixed triggers."""
+        return {}
+
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         """Return triggered copies of the batch `x` (same shape and dtype, same device)."""
         raise NotImplementedError

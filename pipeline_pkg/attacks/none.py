@@ -8,7 +8,7 @@ import torch
 from ..registry import ATTACKS
 from .base import Attack
 
-DEFAULT_PROBE = {"rf": "burst"}
+DEFAULT_PROBE = {"rf": "burst", "image": "badnets"}
 
 
 @ATTACKS.register("none")

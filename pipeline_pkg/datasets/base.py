@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..augment import AUGMENTATIONS
 from ..configurable import Configurable
 
 
@@ -31,3 +32,10 @@ class Dataset(Configurable):
 
     def build(self, raw_dir: Path, seed: int) -> DatasetArrays:
         raise NotImplementedError
+
+
+def check_augment(dataset: Dataset) -> None:
+    """Shared by the image datasets: `augment` lists the device augmentations the trainer applies."""
+    valid = sorted(AUGMENTATIONS)
+    dataset.require(isinstance(dataset.augment, list) and set(dataset.augment) <= set(valid),
+                    "augment", f"must be a list drawn from {valid}")

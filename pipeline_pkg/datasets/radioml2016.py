@@ -8,12 +8,10 @@ from a tampered archive cannot run code.
 
 from __future__ import annotations
 
-import importlib
-import pickle
 import re
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -22,45 +20,11 @@ from ..download import RemoteFile, require_verified
 from ..h5io import CorruptFileError
 from ..registry import DATASETS
 from .base import Dataset, DatasetArrays
+from .safe_pickle import restricted_load
 
 ARCHIVE_NAME = "RML2016.10a.tar.bz2"
 ARCHIVE_URL = "https://opendata.deepsig.io/datasets/2016.10/RML2016.10a.tar.bz2"
 PICKLE_NAME = "RML2016.10a_dict.pkl"
-
-# Everything a pickled dict of numpy arrays refers to. numpy 2 renamed numpy.core to numpy._core; the
-# Python 2 pickle names the old one. _codecs.encode is how Python 3 pickles bytes at protocol 2; it
-# only converts text to bytes.
-_ALLOWED_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-})
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name} from a dataset pickle: only numpy arrays "
-                f"are allowed, and this name could run arbitrary code")
-        if module.startswith("numpy.core."):
-            # Resolve the renamed module directly rather than through numpy's deprecation shim.
-            module = "numpy._core." + module[len("numpy.core."):]
-        return getattr(importlib.import_module(module), name)
-
-
-def restricted_load(fileobj: IO[bytes]) -> Any:
-    """Unpickle plain containers and numpy arrays only; any other global raises UnpicklingError.
-
-    `encoding="latin1"` turns Python 2 byte strings into str losslessly, which numpy accepts as raw
-    array data.
-    """
-    return _NumpyOnlyUnpickler(fileobj, encoding="latin1").load()
-
 
 _MISSING_SHA256 = (
     f"dataset 'radioml2016' needs the SHA-256 of {ARCHIVE_NAME}, which DeepSig does not publish: "

@@ -33,3 +33,13 @@ class ModelSpec(Configurable):
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class ImageInput(nn.Module):
+    """First module of every image model: stored uint8 pixels become floats centred on 0; float input
+    is taken to be in [0, 1] already (what defenses that mix or perturb images pass in)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        return x * 2.0 - 1.0

@@ -1,0 +1,50 @@
+"""Data augmentation as batched tensor operations on the device (random crop with zero padding,
+horizontal flip): no per-sample Python in the training loop. Works on uint8 or float batches."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# Each name maps to f(batch, generator) → augmented batch.
+
+
+def random_crop(x: torch.Tensor, generator: torch.Generator, pad: int | None = None) -> torch.Tensor:
+    """Pad by `pad` pixels (default H/8) and cut a random H×W window per image."""
+    n, channels, height, width = x.shape
+    pad = max(1, height // 8) if pad is None else pad
+    padded = x.new_zeros((n, channels, height + 2 * pad, width + 2 * pad))
+    padded[..., pad:pad + height, pad:pad + width] = x
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(x.device)
+    rows = (dy[:, None] + torch.arange(height, device=x.device))[:, :, None]  # (N, H, 1)
+    cols = (dx[:, None] + torch.arange(width, device=x.device))[:, None, :]  # (N, 1, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # Advanced indices around the channel slice put the channel last: (N, H, W, C).
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand((len(x),), generator=generator, device=generator.device).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+AUGMENTATIONS = {"crop": random_crop, "flip": random_flip}
+
+
+def augmenter(names: Sequence[str], device: torch.device, seed: int):
+    """A function batch → augmented batch drawing from one generator on `device`, seeded so that a
+    resumed epoch sees the same augmentations (pass seed = f(run seed, epoch))."""
+    unknown = sorted(set(names) - set(AUGMENTATIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; valid: {sorted(AUGMENTATIONS)}")
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for name in names:
+            x = AUGMENTATIONS[name](x, generator)
+        return x
+
+    return apply
