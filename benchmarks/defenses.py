@@ -19,7 +19,7 @@ import click
 import torch
 
 from pipeline_pkg import stages
-from pipeline_pkg.config import load
+from pipeline_pkg.config import clean_budget_settings, load
 from pipeline_pkg.evaluator import attack_metrics
 from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.runtime import pick_device, seed_everything
@@ -42,7 +42,7 @@ def main(config_path, dataset, attack, arch, seed, defenses, params, repeats, th
     device = pick_device(config["device"])
     seed_everything(seed, threads)
     data, backdoored = stages.load_trained(config, dataset, attack, arch, seed, device)
-    x, y = stages.clean_budget(data, config, seed)
+    x, y = stages.clean_budget(data, clean_budget_settings(config, dataset), seed)
     probe = (data["x_test"][:256], data["y_test"][:256])
     overrides = json.loads(params)
     names = [n for n in defenses.split(",") if n] or DEFENSES.names()

@@ -13,7 +13,7 @@ import json
 import click
 
 from pipeline_pkg import stages
-from pipeline_pkg.config import load
+from pipeline_pkg.config import clean_budget_settings, load
 from pipeline_pkg.evaluator import attack_metrics
 from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.runtime import pick_device, seed_everything
@@ -35,7 +35,7 @@ def main(config_path, dataset, attack, arch, seed, defense, params, threads) -> 
     data, model = stages.load_trained(config, dataset, attack, arch, seed, device)
     before = attack_metrics(model, data)
     method = DEFENSES.get(defense)(**json.loads(params))
-    x, y = stages.clean_budget(data, config, seed)
+    x, y = stages.clean_budget(data, clean_budget_settings(config, dataset), seed)
     purified, seconds = stages.timed_purify(method, model, x, y, seed)
     after = attack_metrics(purified, data)
     click.echo(json.dumps({"attack": attack, "defense": defense, "params": json.loads(params),

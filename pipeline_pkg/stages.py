@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .attacks import Attack
-from .config import component, train_settings
+from .config import clean_budget_settings, component, train_settings
 from .datasets.base import Dataset
 from .evaluator import attack_metrics, defense_effectiveness
 from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5, write_json
@@ -46,7 +46,7 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
         "dataset": {"name": dataset, **dataset_obj(config, dataset).params},
         "data_seed": config["data_seed"],
         "attack": {"name": attack, **component(ATTACKS, attack, config["attacks"].get(attack), "attacks").params},
-        "clean_budget": config["clean_budget"],
+        "clean_budget": clean_budget_settings(config, dataset),
     }
     if arch is not None:
         settings["arch"] = {"name": arch, **component(MODELS, arch, config["models"].get(arch), "models").params}
@@ -123,7 +123,8 @@ def poison(config: dict, dataset: str, attack: str, seed: int, data_file: str | 
     atk = attack_obj(config, attack, attrs["modality"])
     rng = np.random.default_rng(seed)
     x_train, y_train = arrays["x_train"], arrays["y_train"]
-    val_idx = stratified_holdout(y_train, float(config["clean_budget"]["fraction"]), rng)
+    budget = clean_budget_settings(config, dataset)
+    val_idx = stratified_holdout(y_train, float(budget["fraction"]), rng)
     rest = np.setdiff1d(np.arange(len(y_train)), val_idx)
     atk.fit(x_train[rest], y_train[rest], num_classes, seed)
     x_p, y_p, poisoned = atk.poison(x_train[rest], y_train[rest], num_classes, rng)
@@ -137,7 +138,7 @@ def poison(config: dict, dataset: str, attack: str, seed: int, data_file: str | 
         "x_test_bd": x_bd, "y_test_bd": y_bd, "y_test_bd_true": y_bd_true,
         **{TRIGGER_STATE + key: value for key, value in atk.state_arrays().items()},
     }, {**{k: attrs[k] for k in ("dataset", "modality", "class_names")}, "attack": attack,
-        "attack_params": atk.params, "seed": seed, "clean_budget": config["clean_budget"]})
+        "attack_params": atk.params, "seed": seed, "clean_budget": budget})
 
 
 def load_poisoned(path: str | Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
@@ -147,13 +148,14 @@ def load_poisoned(path: str | Path, device: torch.device) -> tuple[dict[str, tor
     return tensors, attrs
 
 
-def clean_budget(data: dict[str, torch.Tensor], config: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The defenses' clean data: the held-out pool, or one sample per class in one-shot mode."""
+def clean_budget(data: dict[str, torch.Tensor], settings: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The defenses' clean data: the held-out pool, or one sample per class in one-shot mode
+    (`settings`: the dataset's clean_budget_settings)."""
     x, y = data["x_val"], data["y_val"]
     if x.dtype == torch.uint8:
         # Defenses mix and perturb their clean images, which needs floats (models take [0, 1]).
         x = x.float() / 255.0
-    if config["clean_budget"].get("one_shot"):
+    if settings.get("one_shot"):
         rng = np.random.default_rng(seed)
         y_np = y.cpu().numpy()
         idx = [rng.choice(np.flatnonzero(y_np == c)) for c in np.unique(y_np)]
@@ -253,7 +255,7 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
     data, _ = load_poisoned(poison_file, device)
     model, meta = load_model(config, model_in, device)
     method = component(DEFENSES, defense, config["defenses"].get(defense), f"defenses.{defense}")
-    x_clean, y_clean = clean_budget(data, config, seed)
+    x_clean, y_clean = clean_budget(data, clean_budget_settings(config, dataset), seed)
     resolved = {**job_settings(config, dataset, attack, arch, defense), "seed": seed}
     run_tags = tags("purify", dataset, attack, arch, seed, defense)
     with tracker(config, "purify", f"purify/{dataset}/{attack}/{arch}/seed{seed}/{defense}",

@@ -206,8 +206,7 @@ def test_mixup_mixes_across_classes_with_one_sample_per_class():
 def test_one_shot_budget(backdoored_rf):
     config, data, model_path = backdoored_rf
     model, _ = stages.load_model(config, model_path, torch.device("cpu"))
-    one_shot = {**config, "clean_budget": {**config["clean_budget"], "one_shot": True}}
-    x, y = stages.clean_budget(data, one_shot, seed=0)
+    x, y = stages.clean_budget(data, {**config["clean_budget"], "one_shot": True}, seed=0)
     classes = int(data["y_test"].max()) + 1
     assert len(x) == classes and sorted(y.tolist()) == list(range(classes))
     before = {k: v.clone() for k, v in model.state_dict().items()}
