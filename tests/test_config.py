@@ -74,3 +74,39 @@ def test_validation_does_not_mutate_the_input(repo):
     before = copy.deepcopy(config)
     validate(config)
     assert config == before
+
+
+def test_per_dataset_overrides_and_their_errors(repo):
+    from pipeline_pkg.config import clean_budget_settings, defenses_for, train_settings
+
+    config = raw(repo)
+    config["datasets"]["rf1024"].update(defenses=["none", "fip"], train={"epochs": 3},
+                                        clean_budget={"fraction": 0.2})
+    checked = validate(config)
+    assert defenses_for(checked, "rf1024") == ["none", "fip"]
+    assert defenses_for(checked, "digits") == list(checked["defenses"])
+    assert train_settings(checked, "rf1024").epochs == 3 and train_settings(checked, "digits").epochs == 20
+    assert clean_budget_settings(checked, "rf1024")["fraction"] == 0.2
+    config["datasets"]["rf1024"]["defenses"] = ["none", "anp"]
+    with pytest.raises(ConfigError, match=r"datasets.rf1024.defenses: \['anp'\] are not configured"):
+        validate(config)
+    config = raw(repo)
+    config["datasets"]["digits"]["train"] = {"optimizer": "adam9"}
+    with pytest.raises(ConfigError, match="datasets.digits.train: .*optimizer"):
+        validate(config)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "cifar10.yaml"])
+def test_shipped_configs_validate(repo, name):
+    config = load(repo / "config" / name)
+    assert config["datasets"] and config["defenses"]
+
+
+def test_cifar10_config_is_the_full_grid(repo):
+    from pipeline_pkg.registry import ATTACKS, DEFENSES, DATASETS
+
+    config = load(repo / "config" / "cifar10.yaml")
+    image_attacks = {n for n in ATTACKS.names() if "image" in ATTACKS.get(n).modalities}
+    assert set(config["datasets"]["cifar10"]["attacks"]) == image_attacks
+    assert set(config["defenses"]) == set(DEFENSES.names())
+    assert DATASETS.get("cifar10").modality == "image"

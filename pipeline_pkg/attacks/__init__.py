@@ -1,4 +1,4 @@
 """Attacks, one file each; importing this package registers them all."""
 
-from . import badnets, blend, bpp, burst, ftrojan, none, phase, sig, wanet  # noqa: F401  (registration side effects)
+from . import badnets, blend, bpp, burst, ftrojan, inputaware, issba, lc, lira, none, phase, sig, trojan, wanet  # noqa: F401  (registration side effects)
 from .base import Attack  # noqa: F401

@@ -35,7 +35,7 @@ class BadNets(ImageAttack):
         """Rows and columns the patch covers in an image of this size."""
         size, margin = int(self.size), int(self.margin)
         if size + margin > min(height, width):
-            raise ValueError(f"attack 'badnets': a {size}-pixel patch with margin {margin} does not fit "
+            raise ValueError(f"attack {self.name!r}: a {size}-pixel patch with margin {margin} does not fit "
                              f"a {height}×{width} image; lower size or margin")
         top = height - margin - size if self.corner.startswith("bottom") else margin
         left = width - margin - size if self.corner.endswith("right") else margin

@@ -3,6 +3,7 @@ the modality's first attack) so the benign model's ASR shows what rate is reache
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..registry import ATTACKS
@@ -34,7 +35,17 @@ class NoAttack(Attack):
         self._probe = ATTACKS.get(probe)(**probe_params).prepare(modality, attack_params)
         return self
 
-    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+    def probe_attack(self) -> Attack:
         if self._probe is None:
             raise RuntimeError("attack 'none' must be prepared with the dataset's modality first")
-        return self._probe.apply_trigger(x)
+        return self._probe
+
+    # A learned probe trigger (e.g. lira) is fitted and saved exactly as the attack itself would be.
+    def fit(self, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int) -> None:
+        self.probe_attack().fit(x, y, num_classes, seed)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return self.probe_attack().state_arrays()
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probe_attack().apply_trigger(x)
