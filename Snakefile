@@ -37,18 +37,27 @@ include: "workflow/rules/aggregate.smk"
 
 
 onstart:
-    # Create the MLflow database and experiment once, before parallel jobs race to migrate the schema,
-    # and keep the resolved config where the CLI reruns in each job's log point.
-    from pipeline_pkg.tracking import ensure_experiment, resolve_tracking_uri
+    # Keep the resolved config where the CLI reruns in each job's log point. Then create the MLflow
+    # database and experiment once, before parallel jobs race to migrate the schema, and open the
+    # parent run that groups this invocation's jobs (its id reaches them through the environment).
+    from pipeline_pkg.tracking import start_invocation
     import yaml
 
     with atomic_path(paths.resolved_config_file(RESULTS)) as tmp:
         tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    if config["tracking"]["enabled"]:
-        ensure_experiment(
-            resolve_tracking_uri(config["tracking"]["uri"], RESULTS),
-            config["tracking"]["experiment"],
-        )
+    start_invocation(config)
+
+
+onsuccess:
+    from pipeline_pkg.tracking import end_invocation
+
+    end_invocation(config, success=True)
+
+
+onerror:
+    from pipeline_pkg.tracking import end_invocation
+
+    end_invocation(config, success=False)
 
 
 rule all:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import paths, stages
-from .config import ConfigError, load
+from .config import ConfigError, defenses_for, load
 
 CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
                       default="config/config.yaml", show_default=True, help="pipeline config file")
@@ -157,6 +157,133 @@ def init_tracking_cmd(config_path) -> None:
     uri = resolve_tracking_uri(config["tracking"]["uri"], config["results_dir"])
     click.echo(f"{uri} experiment={config['tracking']['experiment']} "
                f"id={ensure_experiment(uri, config['tracking']['experiment'])}")
+
+
+@main.command("tracking-server")
+@CONFIG
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; 0.0.0.0 lets compute nodes reach it")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--store", type=click.Path(file_okay=False), default="mlflow-server", show_default=True,
+              help="folder of the sqlite database (mlflow.db) and the artifacts (mlartifacts/)")
+@click.option("--experiment", default=None, help="experiment to create (default: the config's)")
+@click.option("--workers", type=int, default=4, show_default=True, help="server worker processes")
+@click.option("--allowed-hosts", default=None,
+              help="comma-separated Host headers to accept (default: this machine's names, "
+                   "localhost and private IPs)")
+def tracking_server_cmd(config_path, host, port, store, experiment, workers, allowed_hosts) -> None:
+    """Run an MLflow server for a cluster's jobs: sqlite backend and proxied artifacts under --store.
+
+    Creates the experiment before any job starts, then prints the MLFLOW_TRACKING_URI=... line to
+    export where snakemake runs (sbatch jobs inherit it). Runs until interrupted.
+    """
+    from .tracking import serve
+
+    name = experiment or _config(config_path)["tracking"]["experiment"]
+    hosts = allowed_hosts.split(",") if allowed_hosts else None
+    try:
+        code = serve(store, host=host, port=port, experiment=name, workers=workers,
+                     allowed_hosts=hosts, echo=lambda line: click.echo(line))
+    except (RuntimeError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command("sync-tracking")
+@CONFIG
+@click.option("--dry-run", is_flag=True, help="only list what would be sent")
+def sync_tracking_cmd(config_path, dry_run) -> None:
+    """Re-send to MLflow the runs it missed, from the results on disk (after a server outage).
+
+    Every train, purify, evaluate and aggregate run whose files exist is checked against MLflow by
+    its tags (stage, dataset, attack, arch, seed, defense); a missing one is logged, a run its job
+    left RUNNING is completed. Running it twice sends nothing new. Use it when no pipeline runs.
+    """
+    from .tracking import read_invocation, sync_runs, tracking_settings
+
+    config = _config(config_path)
+    records, skipped = sync_records(config)
+    settings = tracking_settings(config)
+    try:
+        report = sync_runs(settings["uri"], settings["experiment"], records,
+                           invocation=read_invocation(config["results_dir"]), dry_run=dry_run,
+                           retries=settings["retries"], backoff=settings["backoff"])
+    except Exception as exc:
+        raise click.ClickException(f"sync to {settings['uri']} failed: {exc!r}") from exc
+    verb = "would be " if dry_run else ""
+    for name in report.completed:
+        click.echo(f"{verb}completed: {name}")
+    for name in report.created:
+        click.echo(f"{verb}created: {name}")
+    for note in skipped:
+        click.echo(f"skipped: {note}", err=True)
+    click.echo(f"{len(records)} runs on disk: {len(report.present)} already in MLflow, "
+               f"{len(report.completed)} {verb}completed, {len(report.created)} {verb}created "
+               f"({settings['uri']}, experiment {settings['experiment']!r})")
+
+
+# The final metrics the evaluate stage logs (stages.evaluate), besides undefended_<metric>.
+EVALUATE_METRICS = ("acc", "asr", "ra", "der", "purify_seconds", "trainable_params", "lambda_max",
+                    "hessian_trace")
+
+
+def sync_records(config: dict):
+    """The runs that the results on disk describe, as the stages would have logged them, and notes on
+    finished jobs that cannot be re-sent."""
+    from .aggregate import load_results, summarise, summary_metrics
+    from .h5io import read_json
+    from .tracking import RunRecord
+
+    def floats(values: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+    records, skipped = [], []
+    results = config["results_dir"]
+    for dataset, entry in config["datasets"].items():
+        all_metrics = []
+        for attack in entry["attacks"]:
+            for arch in entry["archs"]:
+                for seed in config["seeds"]:
+                    settings = {**stages.job_settings(config, dataset, attack, arch), "seed": seed}
+                    train_dir = paths.train_dir(results, dataset, attack, arch, seed)
+                    if (train_dir / "model.pt").exists():
+                        if (train_dir / "train.json").exists():
+                            logged = read_json(train_dir / "train.json")
+                            history = [(int(h.pop("epoch")), floats(h)) for h in logged["history"]]
+                            records.append(RunRecord(
+                                f"train/{dataset}/{attack}/{arch}/seed{seed}",
+                                stages.tags("train", dataset, attack, arch, seed), settings,
+                                floats(logged["final"]), history))
+                        else:
+                            skipped.append(f"{train_dir / 'model.pt'} has no train.json beside it "
+                                           "(older results); rerun its train job to re-send it")
+                    for defense in defenses_for(config, dataset):
+                        name = f"{dataset}/{attack}/{arch}/seed{seed}/{defense}"
+                        settings = {**stages.job_settings(config, dataset, attack, arch, defense),
+                                    "seed": seed}
+                        f = run_files(config, dataset, attack, arch, seed, defense)
+                        all_metrics.append(f["metrics"])
+                        if f["report"].exists() and f["purified"].exists():
+                            records.append(RunRecord(
+                                f"purify/{name}", stages.tags("purify", dataset, attack, arch, seed, defense),
+                                settings, floats(read_json(f["report"]))))
+                        if f["metrics"].exists():
+                            result = read_json(f["metrics"])
+                            metrics = floats({k: result[k] for k in EVALUATE_METRICS if k in result})
+                            metrics.update({f"undefended_{k}": v
+                                            for k, v in floats(result["undefended"]).items()})
+                            records.append(RunRecord(
+                                f"evaluate/{name}", stages.tags("evaluate", dataset, attack, arch, seed,
+                                                                defense),
+                                settings, metrics))
+        outputs = paths.summary_files(results, dataset)
+        if all(p.exists() for p in [*outputs.values(), *all_metrics]):
+            # The same numbers the aggregate job computed: from the same metrics files.
+            frame = load_results(all_metrics)
+            records.append(RunRecord(f"aggregate-{dataset}", {"stage": "aggregate", "dataset": dataset},
+                                     {"n_results": len(frame)}, summary_metrics(summarise(frame)),
+                                     artifacts=list(outputs.values())))
+    return records, skipped
 
 
 @main.command("list")

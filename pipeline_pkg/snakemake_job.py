@@ -54,4 +54,5 @@ def job(snakemake: Any, command: str, **fixed: Any) -> Iterator[dict]:
         yield config
     except Exception:
         log.exception("job failed")
-        raise
+        # The traceback is logged once; an uncaught exception would print it again into the same file.
+        raise SystemExit(1) from None

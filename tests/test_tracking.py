@@ -182,3 +182,83 @@ def test_tracker_from_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_flatten_params_dots_stringifies_and_truncates() -> None:
     flat = flatten_params({"a": {"b": {"c": 1}, "d": [1, 2]}, "long": "x" * 7000, "none": None})
     assert flat == {"a.b.c": "1", "a.d": "[1, 2]", "long": "x" * 6000, "none": "None"}
+
+
+def test_one_invocation_is_one_parent_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "inv-7")
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    config = {"results_dir": str(tmp_path), "tracking": {"experiment": "grouped"}}
+    parent = tracking.start_invocation(config)
+    assert parent is not None and os.environ[tracking.PARENT_RUN_ENV] == parent
+    for name in ("a", "b"):
+        with tracker_from_config(config, stage="train", run_name=name, tags={}, params={}):
+            pass
+    tracking.end_invocation(config, success=False)
+
+    client = MlflowClient(resolve_tracking_uri(None, tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("grouped").experiment_id])
+    jobs = [r for r in runs if r.info.run_id != parent]
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent}
+    assert {r.data.tags["invocation"] for r in jobs} == {"inv-7"}
+    assert client.get_run(parent).info.status == "FAILED"
+    assert client.get_run(parent).data.tags["pipeline_invocation"] == "inv-7"
+    record = tracking.read_invocation(tmp_path)
+    assert (record["invocation"], record["parent_run_id"], record["status"]) == ("inv-7", parent, "FAILED")
+
+
+def test_disabled_tracking_records_the_invocation_without_mlflow(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "inv-8")
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, "stale")
+    config = {"results_dir": str(tmp_path / "res"), "tracking": {"enabled": False}}
+    assert tracking.start_invocation(config) is None
+    assert tracking.PARENT_RUN_ENV not in os.environ  # a stale parent from the shell is dropped
+    tracking.end_invocation(config, success=True)
+    assert tracking.read_invocation(tmp_path / "res")["status"] == "FINISHED"
+    assert not (tmp_path / "res" / "mlflow.db").exists()
+
+
+def test_sync_runs_creates_completes_and_is_idempotent(tracking_uri: str) -> None:
+    def record(stage: str, defense: str, acc: float) -> tracking.RunRecord:
+        tags = {"stage": stage, "dataset": "d", "attack": "a", "arch": "m", "seed": "0", "defense": defense}
+        return tracking.RunRecord(f"{stage}/{defense}", tags, {"lr": 0.1, "net": {"width": 8}},
+                                  {"acc": acc}, history=[(0, {"loss": 2.0}), (1, {"loss": 1.0})])
+
+    experiment = "sync"
+    # A run whose job lost the server after its first curve point: left RUNNING.
+    orphan = MlflowClient(tracking_uri).create_run(
+        ensure_experiment(tracking_uri, experiment),
+        tags={"stage": "train", "dataset": "d", "attack": "a", "arch": "m", "seed": "0", "defense": ""})
+    MlflowClient(tracking_uri).log_metric(orphan.info.run_id, "loss", 2.0, step=0)
+    records = [record("train", "", 0.5), record("evaluate", "ft", 0.25)]
+    invocation = {"invocation": "inv-9", "status": "FINISHED"}
+
+    first = tracking.sync_runs(tracking_uri, experiment, records, invocation=invocation, backoff=0.01)
+    assert (first.present, first.completed, first.created) == ([], ["train/"], ["evaluate/ft"])
+    second = tracking.sync_runs(tracking_uri, experiment, records, invocation=invocation, backoff=0.01)
+    assert (second.present, second.completed, second.created) == (["train/", "evaluate/ft"], [], [])
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 3  # two jobs and the parent that sync made for the invocation
+    parent = next(r for r in runs if r.data.tags.get("pipeline_invocation") == "inv-9")
+    assert parent.info.status == "FINISHED"
+    for run in runs:
+        if run is parent:
+            continue
+        assert run.info.status == "FINISHED" and run.data.metrics["acc"] in (0.5, 0.25)
+        assert run.data.params == {"lr": "0.1", "net.width": "8"} and run.data.tags["synced"] == "true"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1]
+    created = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+    assert created.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert created.data.tags["invocation"] == "inv-9"
+
+
+def test_tracking_server_refuses_a_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(RuntimeError, match="another server holds the port"):
+            tracking.serve(tmp_path / "store", host="127.0.0.1", port=busy.getsockname()[1],
+                           experiment="e")
