@@ -82,6 +82,11 @@ def check_names(config: dict) -> None:
             component(registry, name, params, f"{section}.{name}")
     for name, params in config["defenses"].items():
         component(DEFENSES, name, params, "defenses")
+    for ds_name, entry in config["datasets"].items():
+        unknown = sorted(set(entry.get("defenses") or []) - set(config["defenses"]))
+        if unknown:
+            raise ConfigError(f"datasets.{ds_name}.defenses: {unknown} are not configured under `defenses` "
+                              f"(configured: {sorted(config['defenses'])}); add them there first")
     from .trainer import TrainSettings
 
     try:
@@ -93,6 +98,12 @@ def check_names(config: dict) -> None:
             train_settings(config, ds_name)
         except ConfigError as exc:
             raise ConfigError(f"datasets.{ds_name}.train: {exc}") from None
+
+
+def defenses_for(config: dict, dataset: str) -> list[str]:
+    """The defenses run on one dataset: datasets.<name>.defenses (a subset of the `defenses` section,
+    e.g. a test-time point-cloud filter only where it applies), else every configured defense."""
+    return list(config["datasets"][dataset].get("defenses") or config["defenses"])
 
 
 def clean_budget_settings(config: dict, dataset: str) -> dict:

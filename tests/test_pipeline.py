@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DEFENSES = list(yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())["defenses"])
 ATTACKS = ["none", "burst"]
-STAGES = ["download", "generate_rf1024", "poison", "train", "purify", "evaluate", "aggregate"]
+IMAGE_ATTACKS = ["badnets"]  # on digits
+IMAGE_DEFENSES = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())["datasets"]["digits"]["defenses"]
+STAGES = ["download", "generate_rf1024", "prepare_dataset", "poison", "train", "purify", "evaluate", "aggregate"]
 
 
 def snakemake(repo: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -65,6 +67,24 @@ def test_backdoor_is_planted_and_benign_model_is_not_backdoored(run):
             assert set(m) >= {"acc", "asr", "ra", "der", "undefended", "purify_seconds", "trainable_params"}
             assert 0 <= m["der"] <= 1
             assert m["undefended"]["asr"] == read_metrics(results, attack, "none")["asr"]
+
+
+def test_image_backdoor_runs_through_every_stage_and_every_defense(run):
+    _, workdir, results = run
+    manifest = json.loads((workdir / "data/digits/manifest.json").read_text())
+    assert manifest["generated"] is False and manifest["files"] == []  # ships with scikit-learn
+    with h5py.File(results / "digits/badnets/poison-seed0.h5") as f:
+        assert f["x_train"].dtype == "uint8" and f["x_train"].shape[1:] == (1, 16, 16)
+        assert len(f["poisoned_idx"]) == round(0.1 * len(f["x_train"]))
+        assert (f["x_test_bd"][:, :, 12:15, 12:15] == f["x_test_bd"][0, :, 12:15, 12:15]).all()
+    undefended = json.loads((results / "digits/badnets/resnet9/seed0/none/metrics.json").read_text())
+    assert undefended["acc"] > 0.85 and undefended["asr"] > 0.9
+    for defense in IMAGE_DEFENSES:
+        metrics = json.loads((results / f"digits/badnets/resnet9/seed0/{defense}/metrics.json").read_text())
+        assert 0 <= metrics["asr"] <= 1 and metrics["defense"] == defense
+    assert not (results / "digits/badnets/resnet9/seed0/ft").exists()  # not in the dataset's list
+    table = (results / "summary/digits.md").read_text()
+    assert "| badnets" in table
 
 
 def test_defenses_change_the_model_and_none_does_not(run):
@@ -124,11 +144,12 @@ def test_every_job_is_one_mlflow_run_with_tags_and_metrics(run):
     runs = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
             if "invocation" in r.data.tags]
     stages = sorted(r.data.tags["stage"] for r in runs)
-    n = len(ATTACKS) * len(DEFENSES)
-    assert stages.count("train") == 2 and stages.count("purify") == n and stages.count("evaluate") == n
-    assert stages.count("aggregate") == 1 and len(runs) == 3 + 2 * n
+    trained = len(ATTACKS) + len(IMAGE_ATTACKS)
+    n = len(ATTACKS) * len(DEFENSES) + len(IMAGE_ATTACKS) * len(IMAGE_DEFENSES)
+    assert stages.count("train") == trained and stages.count("purify") == n and stages.count("evaluate") == n
+    assert stages.count("aggregate") == 2 and len(runs) == trained + 2 + 2 * n
     assert len({r.data.tags["invocation"] for r in runs}) == 1
-    evaluations = [r for r in runs if r.data.tags["stage"] == "evaluate"]
+    evaluations = [r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.tags["dataset"] == "rf1024"]
     assert {(r.data.tags["attack"], r.data.tags["defense"]) for r in evaluations} == {
         (a, d) for a in ATTACKS for d in DEFENSES}
     for r in evaluations:

@@ -46,7 +46,7 @@ def dataset_metrics(wildcards):
     return [
         f"{run}/{defense}/metrics.json"
         for run in run_dirs(wildcards.dataset)
-        for defense in config["defenses"]
+        for defense in pipeline_config.defenses_for(config, wildcards.dataset)
     ]
 
 
