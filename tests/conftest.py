@@ -8,6 +8,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    # mlflow.set_tracking_uri and the pipeline's start_invocation write os.environ; a value left behind
+    # would send a later test's Snakemake jobs to another tracking store.
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread(monkeypatch):
     # Tests run on 2 cores next to Snakemake subprocesses: one torch thread each keeps timings sane.
     torch.set_num_threads(1)
