@@ -85,7 +85,7 @@ def test_per_dataset_overrides_and_their_errors(repo):
     checked = validate(config)
     assert defenses_for(checked, "rf1024") == ["none", "fip"]
     assert defenses_for(checked, "digits") == list(checked["defenses"])
-    assert train_settings(checked, "rf1024").epochs == 3 and train_settings(checked, "digits").epochs == 20
+    assert train_settings(checked, "rf1024").epochs == 3 and train_settings(checked, "digits").epochs == 15
     assert clean_budget_settings(checked, "rf1024")["fraction"] == 0.2
     config["datasets"]["rf1024"]["defenses"] = ["none", "anp"]
     with pytest.raises(ConfigError, match=r"datasets.rf1024.defenses: \['anp'\] are not configured"):
