@@ -64,6 +64,16 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
                                f"or check the input data for NaNs")
 
 
+def guarded_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str,
+                 inputs: Sequence[torch.Tensor] | None = None) -> None:
+    """One optimizer step on `loss` (its gradient only for `inputs` when given), refusing a NaN or
+    infinite loss with a message naming `where`."""
+    check_finite(loss, where)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=None if inputs is None else list(inputs))
+    optimizer.step()
+
+
 def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
                       warmup_share: float = 0.25) -> torch.optim.lr_scheduler.LambdaLR:
     """One-cycle-shaped schedule: linear warm-up to the base learning rate over the first quarter, then
@@ -125,10 +135,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSetti
             with autocast(device):
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
-            check_finite(loss, f"training epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            guarded_step(optimizer, loss, f"training epoch {epoch + 1}")
             scheduler.step()
             total_loss += loss.detach() * len(xb)
             correct += (logits.detach().argmax(1) == yb).sum()

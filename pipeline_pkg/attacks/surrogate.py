@@ -16,7 +16,7 @@ from torch import nn
 from ..models.base import Classifier
 from ..registry import MODELS
 from ..runtime import epoch_order, pick_device
-from ..trainer import TrainSettings, check_finite, fit
+from ..trainer import TrainSettings, fit, guarded_step
 from .image_base import ImageAttack, to_unit
 
 # Arrays saved beside a trigger's weights: the (C, H, W) shape its nets were built for.
@@ -70,11 +70,8 @@ def shuffled_batches(tensors: Sequence[torch.Tensor], epochs: int, batch_size: i
 
 def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, attack: ImageAttack,
                    inputs: Sequence[torch.Tensor] | None = None) -> None:
-    """One step on `loss` (its gradient only for `inputs` when given), refusing a NaN or infinite loss."""
-    check_finite(loss, f"attack {attack.name!r}: fitting the trigger")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=None if inputs is None else list(inputs))
-    optimizer.step()
+    """One guarded step of fitting `attack`'s trigger (trainer.guarded_step)."""
+    guarded_step(optimizer, loss, f"attack {attack.name!r}: fitting the trigger", inputs)
 
 
 def target_tensor(attack: ImageAttack, y: torch.Tensor, num_classes: int) -> torch.Tensor:
