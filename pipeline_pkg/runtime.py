@@ -43,11 +43,15 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
-def minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Slices of device-resident tensors: no per-sample Python and no host-device copies in the loop."""
+def minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.Tensor | None = None,
+                training: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Slices of device-resident tensors: no per-sample Python and no host-device copies in the loop.
+    For `training`, a trailing batch of one sample is skipped: BatchNorm after a pooled layer (PointNet's
+    and DGCNN's heads) cannot normalise a single value."""
     n = len(x)
     for start in range(0, n, batch_size):
+        if training and n - start == 1 and n > 1:
+            return
         idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
         yield x[idx], y[idx]
 
@@ -69,7 +73,7 @@ class InfiniteBatches:
         while True:
             if self._iter is None:
                 order = epoch_order(len(self.x), self.seed, self.epoch, self.x.device)
-                self._iter = minibatches(self.x, self.y, self.batch_size, order)
+                self._iter = minibatches(self.x, self.y, self.batch_size, order, training=True)
                 self.epoch += 1
             try:
                 return next(self._iter)

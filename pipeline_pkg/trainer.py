@@ -125,7 +125,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSetti
         order = epoch_order(len(x), seed, epoch, device)
         # Seeded from (seed, epoch) like the order, so a resumed epoch sees the same augmentations.
         augment_batch = augmenter(augment, device, seed * 100_003 + epoch + 50_021) if augment else None
-        bar = tqdm(minibatches(x, y, batch_size, order), total=steps_per_epoch,
+        bar = tqdm(minibatches(x, y, batch_size, order, training=True), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{epochs}", mininterval=5, leave=False)
         for xb, yb in bar:
             if augment_batch is not None:

@@ -176,3 +176,12 @@ def test_model_learns_separable_data():
 def test_bad_train_settings(params, key):
     with pytest.raises(ConfigError, match=rf"parameter {key}="):
         TrainSettings(**params)
+
+
+def test_a_lone_trailing_sample_is_skipped_in_training_but_not_elsewhere():
+    from pipeline_pkg.runtime import minibatches
+
+    x, y = torch.arange(9.0)[:, None], torch.arange(9)
+    assert [len(b) for b, _ in minibatches(x, y, 4, training=True)] == [4, 4]
+    assert [len(b) for b, _ in minibatches(x, y, 4)] == [4, 4, 1]
+    assert [len(b) for b, _ in minibatches(x[:1], y[:1], 4, training=True)] == [1]
