@@ -1,5 +1,6 @@
-"""Data augmentation as batched tensor operations on the device (random crop with zero padding,
-horizontal flip): no per-sample Python in the training loop. Works on uint8 or float batches."""
+"""Data augmentation as batched tensor operations on the device: no per-sample Python in the training
+loop. Images (N, C, H, W), uint8 or float: random crop with zero padding, horizontal flip. Point clouds
+(N, P, 3): random anisotropic scale, shift and clipped jitter, the usual PointNet/DGCNN recipe."""
 
 from __future__ import annotations
 
@@ -31,7 +32,31 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-AUGMENTATIONS = {"crop": random_crop, "flip": random_flip}
+def uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator,
+            device: torch.device) -> torch.Tensor:
+    return (torch.rand(shape, generator=generator, device=generator.device) * (high - low) + low).to(device)
+
+
+def random_scale(x: torch.Tensor, generator: torch.Generator, low: float = 2 / 3,
+                 high: float = 3 / 2) -> torch.Tensor:
+    """Scale each cloud's x, y and z by factors drawn independently from [low, high]."""
+    return x * uniform((len(x), 1, 3), low, high, generator, x.device)
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, bound: float = 0.2) -> torch.Tensor:
+    """Translate each cloud by a vector drawn from [-bound, bound]^3."""
+    return x + uniform((len(x), 1, 3), -bound, bound, generator, x.device)
+
+
+def random_jitter(x: torch.Tensor, generator: torch.Generator, sigma: float = 0.01,
+                  clip: float = 0.05) -> torch.Tensor:
+    """Move every point by Gaussian noise (σ `sigma`), clipped to ±`clip` per coordinate."""
+    noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    return x + (sigma * noise).clamp(-clip, clip)
+
+
+AUGMENTATIONS = {"crop": random_crop, "flip": random_flip,
+                 "scale": random_scale, "shift": random_shift, "jitter": random_jitter}
 
 
 def augmenter(names: Sequence[str], device: torch.device, seed: int):

@@ -1,3 +1,5 @@
 """Datasets, one file each; importing this package registers them all."""
 
-from . import cifar10, digits, gtsrb, radioml2016, rf1024  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    cifar10, digits, gtsrb, modelnet10, modelnet40, radioml2016, rf1024, shapes,
+)

@@ -31,6 +31,11 @@ class Defense(Configurable):
     # budget has near-zero variance on trigger-detecting channels, so batch statistics would blow those
     # channels up and send every input to the target class. "update" uses batch statistics instead.
     common_defaults: ClassVar[dict] = {"log_every": 20, "bn_stats": "frozen"}
+    # The data a defense applies to: weight-space defenses work on every modality; an input filter
+    # (sor) only on the data it filters.
+    modalities: ClassVar[tuple[str, ...]] = ("rf", "image", "pointcloud")
+    # A test-time defense leaves the weights alone and filters every input instead (see wrap()).
+    test_time: ClassVar[bool] = False
     method_defaults: ClassVar[dict] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
