@@ -63,6 +63,21 @@ class Attack(Configurable):
                              f"(the dataset has {num_classes} classes)")
         return np.full_like(y, int(self.target))
 
+    def attacked(self, y: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Boolean mask of the samples the backdoor is meant for: the pool a dirty-label attack poisons
+        from and the test samples it triggers. Every sample whose label it changes, unless an attack
+        narrows it (a source-class-specific attack keeps only its source classes)."""
+        return targets != y
+
+    def poison_count(self, n_samples: int) -> int:
+        """How many of `n_samples` training samples to poison: round(rate × N), unless an attack sets an
+        absolute number (then it also overrides poison_budget, which errors name)."""
+        return int(round(float(self.rate) * n_samples))
+
+    def poison_budget(self) -> tuple[str, Any]:
+        """The parameter that sets poison_count, and its value."""
+        return "rate", self.rate
+
     def trigger_numpy(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out = [self.apply_trigger(torch.from_numpy(x[i:i + batch_size]).to(device)).cpu().numpy()
@@ -71,13 +86,15 @@ class Attack(Configurable):
 
     def poison(self, x: np.ndarray, y: np.ndarray, num_classes: int,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Poison round(rate × N) samples; return (x, y, sorted poisoned indices)."""
+        """Poison poison_count(N) samples (round(rate × N)); return (x, y, sorted poisoned indices)."""
         targets = self.target_labels(y, num_classes)
-        eligible = np.flatnonzero(targets == y) if self.clean_label else np.flatnonzero(targets != y)
-        n_poison = int(round(float(self.rate) * len(y)))
+        pool = (targets == y) if self.clean_label else self.attacked(y, targets)
+        eligible = np.flatnonzero(pool)
+        n_poison = self.poison_count(len(y))
         if n_poison > len(eligible):
-            raise ValueError(f"attack {self.name!r}: rate {self.rate} asks for {n_poison} poisoned samples "
-                             f"but only {len(eligible)} are eligible; lower the rate")
+            key, value = self.poison_budget()
+            raise ValueError(f"attack {self.name!r}: {key} {value} asks for {n_poison} poisoned samples "
+                             f"but only {len(eligible)} are eligible; lower the {key}")
         idx = np.sort(rng.choice(eligible, size=n_poison, replace=False))
         x, y = x.copy(), y.copy()
         if n_poison:
@@ -90,5 +107,5 @@ class Attack(Configurable):
                        num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Triggered copies of the test samples whose label the attack changes: (x, target, true)."""
         targets = self.target_labels(y, num_classes)
-        keep = targets != y
+        keep = self.attacked(y, targets)
         return self.trigger_numpy(x[keep]), targets[keep], y[keep]

@@ -9,7 +9,7 @@ import torch
 from ..registry import ATTACKS
 from .base import Attack
 
-DEFAULT_PROBE = {"rf": "burst", "image": "badnets"}
+DEFAULT_PROBE = {"rf": "burst", "image": "badnets", "pointcloud": "pointba_i"}
 
 
 @ATTACKS.register("none")
