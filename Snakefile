@@ -1,5 +1,5 @@
 # Backdoor attack and purification benchmark:
-# download → generate RF1024 → poison → train → purify → evaluate → aggregate.
+# download → generate RF1024 → poison → train → purify (or detect → retrain) → evaluate → aggregate.
 # Every rule's logic lives in pipeline_pkg; the scripts in workflow/scripts only call it.
 
 from snakemake.utils import min_version, validate
@@ -24,6 +24,7 @@ wildcard_constraints:
     attack="[A-Za-z0-9_]+",
     arch="[A-Za-z0-9_]+",
     defense="[A-Za-z0-9_]+",
+    detector="[A-Za-z0-9_]+",
     seed="[0-9]+",
 
 
@@ -32,8 +33,10 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/poison.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/purify.smk"
+include: "workflow/rules/detect.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/render.smk"
 
 
 onstart:
@@ -63,4 +66,5 @@ onerror:
 rule all:
     input:
         all_summaries(),
+        trigger_figures(),
     default_target: True

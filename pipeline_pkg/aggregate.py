@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from .h5io import CorruptFileError, atomic_path, read_json
+from .paths import summary_paths
 
 if TYPE_CHECKING:  # only for annotations: pandas is imported lazily at run time
     import pandas as pd
@@ -357,12 +358,76 @@ def _log_to_tracker(config: dict, dataset: str, n_results: int, summary: "pd.Dat
             tracker.log_artifact(path)
 
 
+# ----------------------------------------------------------------------------------------- detection
+
+#: What the detect stage measures per job (stages.detect), averaged over seeds in the detection table.
+DETECTION_KEYS: tuple[str, ...] = ("tpr", "fpr", "auroc", "flagged", "poisoned", "detect_seconds")
+
+
+def load_detections(paths: Iterable[str | os.PathLike]) -> "pd.DataFrame":
+    """One row per detection.json (dataset, attack, arch, seed, detector and DETECTION_KEYS)."""
+    import pandas as pd
+
+    rows = []
+    for raw_path in paths:
+        path = Path(raw_path)
+        record = read_json(path)
+        missing = [k for k in ("dataset", "attack", "arch", "seed", "detector", *DETECTION_KEYS)
+                   if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise CorruptFileError(f"invalid detection file {path}: missing key(s) {missing} (it should be "
+                                   f"written by the detect stage; delete it and rerun that job)")
+        rows.append({**{k: record[k] for k in ("dataset", "attack", "arch", "seed", "detector")},
+                     **{k: _as_float(record[k]) for k in DETECTION_KEYS}})
+    return pd.DataFrame(rows, columns=["dataset", "attack", "arch", "seed", "detector", *DETECTION_KEYS])
+
+
+def render_detection_markdown(summary: "pd.DataFrame", dataset: str, attacks: list[str], archs: list[str],
+                              detectors: list[str]) -> str:
+    show_arch = len(archs) > 1
+    cells = {(r.attack, r.arch, r.detector): f"{_pct(r.tpr, math.nan, 1)} / {_pct(r.fpr, math.nan, 1)} / "
+                                             f"{_pct(r.auroc, math.nan, 1)}"
+             for r in summary.itertuples(index=False)}
+    header = ["Attack (arch)" if show_arch else "Attack", *detectors]
+    rows = [[f"{attack} ({arch})" if show_arch else attack,
+             *(cells.get((attack, arch, d), "—") for d in detectors)]
+            for attack in attacks for arch in archs
+            if any((attack, arch, d) in cells for d in detectors)]
+    legend = ("Cells: TPR / FPR / AUROC in %, mean over seeds: the share of the poisoned training samples "
+              "each detector flagged, the share of clean ones it flagged, and the area under the ROC curve "
+              "of its scores. The benign reference (attack "
+              f"'{BENIGN_ATTACK}') has no poisoned sample: only its FPR is defined. '—' not run.")
+    if not rows:
+        return f"# Poison detection: {dataset}\n\nNo detector was configured for this dataset.\n"
+    return f"# Poison detection: {dataset}\n\n{legend}\n\n{_markdown_table(header, rows)}\n"
+
+
+def aggregate_detection(detection_files: list[str | os.PathLike], outputs: dict[str, Path], *,
+                        config: dict | None = None, dataset: str) -> dict[str, Path]:
+    """The detection table (csv and md) of one dataset: TPR, FPR and AUROC per attack × detector."""
+    df = load_detections(detection_files)
+    group = ["attack", "arch", "detector"]
+    summary = (df.groupby(group, sort=False)[list(DETECTION_KEYS)].mean().reset_index()
+               if len(df) else df.drop(columns=["dataset", "seed"]))
+    summary.insert(0, "dataset", dataset)
+    attacks = _ordered(list(summary["attack"]), _config_order(config, "attacks", dataset))
+    archs = _ordered(list(summary["arch"]), _config_order(config, "archs", dataset))
+    detectors = _ordered(list(summary["detector"]), _config_order(config, "detectors", dataset))
+    with atomic_path(outputs["csv"]) as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.10g")
+    with atomic_path(outputs["md"]) as tmp:
+        tmp.write_text(render_detection_markdown(summary, dataset, attacks, archs, detectors), encoding="utf-8")
+    return outputs
+
+
 # --------------------------------------------------------------------------------------------- main
 
 def aggregate(metrics_files: list[str | os.PathLike], out_dir: str | os.PathLike, *,
               config: dict | None = None, dataset: str | None = None,
-              include_undefended: bool = True) -> dict[str, Path]:
-    """Write ``<dataset>.csv``, ``<dataset>.md`` and ``<dataset>.png`` into `out_dir`.
+              include_undefended: bool = True,
+              detection_files: list[str | os.PathLike] | None = None) -> dict[str, Path]:
+    """Write ``<dataset>.csv``, ``<dataset>.md`` and ``<dataset>.png`` into `out_dir`, and with
+    `detection_files` (a list, possibly empty) the detection table ``<dataset>.detection.{csv,md}``.
 
     All files must belong to one dataset (`dataset` if given). With a `config`, columns follow the
     order of config["defenses"] and rows that of config["datasets"][dataset]["attacks"/"archs"]
@@ -391,9 +456,8 @@ def aggregate(metrics_files: list[str | os.PathLike], out_dir: str | os.PathLike
     summary = _sort_summary(summarise(df), attacks, archs, defenses)
     baseline = _undefended_baseline(df)
 
-    out_dir = Path(out_dir)
-    outputs = {"csv": out_dir / f"{dataset}.csv", "md": out_dir / f"{dataset}.md",
-               "png": out_dir / f"{dataset}.png"}
+    every_output = summary_paths(out_dir, dataset)
+    outputs = {k: every_output[k] for k in ("csv", "md", "png")}
     with atomic_path(outputs["csv"]) as tmp:
         summary.to_csv(tmp, index=False, float_format="%.10g")
     with atomic_path(outputs["md"]) as tmp:
@@ -401,6 +465,10 @@ def aggregate(metrics_files: list[str | os.PathLike], out_dir: str | os.PathLike
                                        include_undefended), encoding="utf-8")
     with atomic_path(outputs["png"]) as tmp:
         render_plot(summary, baseline, dataset, tmp, defenses, show_arch=len(archs) > 1)
+    if detection_files is not None:
+        detection = {"csv": every_output["detection_csv"], "md": every_output["detection_md"]}
+        aggregate_detection(detection_files, detection, config=config, dataset=dataset)
+        outputs.update({f"detection_{k}": v for k, v in detection.items()})
 
     if config is not None:
         _log_to_tracker(config, dataset, len(df), summary, outputs)

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import paths, stages
-from .config import ConfigError, defenses_for, load
+from .config import ConfigError, defenses_for, detectors_for, load
 
 CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
                       default="config/config.yaml", show_default=True, help="pipeline config file")
@@ -18,7 +18,9 @@ DATASET = click.option("--dataset", required=True)
 ATTACK = click.option("--attack", required=True)
 ARCH = click.option("--arch", required=True)
 SEED = click.option("--seed", type=int, required=True)
-DEFENSE = click.option("--defense", required=True)
+DEFENSE = click.option("--defense", required=True,
+                       help="a defense, or detect-<detector> for the model retrained after detection")
+DETECTOR = click.option("--detector", required=True)
 
 
 def out_option(help_text: str):
@@ -129,6 +131,50 @@ def evaluate_cmd(config_path, dataset, attack, arch, seed, defense) -> None:
                                f["purified"], f["report"], f["metrics"]))
 
 
+def detect_options(command):
+    """The options that name one detect/retrain job."""
+    for option in reversed((CONFIG, DATASET, ATTACK, ARCH, SEED, DETECTOR)):
+        command = option(command)
+    return command
+
+
+@main.command("detect")
+@detect_options
+def detect_cmd(config_path, dataset, attack, arch, seed, detector) -> None:
+    """Score and flag suspicious training samples of one trained run with one detector."""
+    config = _config(config_path)
+    f = run_files(config, dataset, attack, arch, seed, stages.detect_folder(detector))
+    train_dir = f["backdoored"].parent
+    click.echo(stages.detect(config, dataset, attack, arch, seed, detector, f["poison"], f["backdoored"],
+                             train_dir / "snapshots.pt", f["purified"].parent))
+
+
+@main.command("retrain")
+@detect_options
+def retrain_cmd(config_path, dataset, attack, arch, seed, detector) -> None:
+    """Train a fresh model on the training set minus one detector's flagged samples."""
+    config = _config(config_path)
+    f = run_files(config, dataset, attack, arch, seed, stages.detect_folder(detector))
+    out_dir = f["purified"].parent
+    click.echo(stages.retrain(config, dataset, attack, arch, seed, detector, f["poison"], out_dir / "flagged.h5",
+                              out_dir / "detection.json", f["purified"], f["report"]))
+
+
+@main.command("render-trigger")
+@CONFIG
+@DATASET
+@ATTACK
+@out_option("output PNG")
+def render_trigger_cmd(config_path, dataset, attack, out) -> None:
+    """Draw a clean test input beside its triggered copy (from the first seed's poison file)."""
+    from .render import render_trigger
+
+    config = _config(config_path)
+    results = config["results_dir"]
+    click.echo(render_trigger(paths.poison_file(results, dataset, attack, config["seeds"][0]),
+                              out or paths.trigger_figure(results, dataset, attack)))
+
+
 @main.command("aggregate")
 @CONFIG
 @DATASET
@@ -142,8 +188,11 @@ def aggregate_cmd(config_path, dataset, metrics) -> None:
     files = list(metrics) or sorted((results / dataset).glob("*/*/seed*/*/metrics.json"))
     if not files:
         raise click.UsageError(f"no metrics.json found under {results / dataset}; run evaluate first")
+    detections = sorted({Path(f).parent / "detection.json" for f in files
+                         if (Path(f).parent / "detection.json").exists()})
     out_dir = paths.summary_files(results, dataset)["csv"].parent
-    for kind, path in aggregate(files, out_dir, config=config, dataset=dataset).items():
+    for kind, path in aggregate(files, out_dir, config=config, dataset=dataset,
+                                detection_files=detections).items():
         click.echo(f"{kind}: {path}")
 
 
@@ -230,7 +279,7 @@ EVALUATE_METRICS = ("acc", "asr", "ra", "der", "purify_seconds", "trainable_para
 def sync_records(config: dict):
     """The runs that the results on disk describe, as the stages would have logged them, and notes on
     finished jobs that cannot be re-sent."""
-    from .aggregate import load_results, summarise, summary_metrics
+    from .aggregate import DETECTION_KEYS, load_results, summarise, summary_metrics
     from .h5io import read_json
     from .tracking import RunRecord
 
@@ -257,15 +306,24 @@ def sync_records(config: dict):
                         else:
                             skipped.append(f"{train_dir / 'model.pt'} has no train.json beside it "
                                            "(older results); rerun its train job to re-send it")
-                    for defense in defenses_for(config, dataset):
-                        name = f"{dataset}/{attack}/{arch}/seed{seed}/{defense}"
+                    detect_folders = [stages.detect_folder(d) for d in detectors_for(config, dataset)]
+                    for defense in defenses_for(config, dataset) + detect_folders:
+                        detector = stages.detector_of(defense)
+                        name = f"{dataset}/{attack}/{arch}/seed{seed}/{detector or defense}"
                         settings = {**stages.job_settings(config, dataset, attack, arch, defense),
                                     "seed": seed}
                         f = run_files(config, dataset, attack, arch, seed, defense)
                         all_metrics.append(f["metrics"])
-                        if f["report"].exists() and f["purified"].exists():
+                        detection = f["purified"].parent / "detection.json"
+                        if detector and detection.exists():
+                            found = read_json(detection)
                             records.append(RunRecord(
-                                f"purify/{name}", stages.tags("purify", dataset, attack, arch, seed, defense),
+                                f"detect/{name}", stages.tags("detect", dataset, attack, arch, seed, defense),
+                                settings, floats({k: found[k] for k in DETECTION_KEYS})))
+                        if f["report"].exists() and f["purified"].exists():
+                            stage = "retrain" if detector else "purify"
+                            records.append(RunRecord(
+                                f"{stage}/{name}", stages.tags(stage, dataset, attack, arch, seed, defense),
                                 settings, floats(read_json(f["report"]))))
                         if f["metrics"].exists():
                             result = read_json(f["metrics"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .configurable import ConfigError
-from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, UnknownNameError
+from .registry import ATTACKS, DATASETS, DEFENSES, DETECTORS, MODELS, UnknownNameError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -82,11 +82,19 @@ def check_names(config: dict) -> None:
             component(registry, name, params, f"{section}.{name}")
     for name, params in config["defenses"].items():
         component(DEFENSES, name, params, "defenses")
+    for name, params in config["detectors"].items():
+        component(DETECTORS, name, params, f"detectors.{name}")
     for ds_name, entry in config["datasets"].items():
-        unknown = sorted(set(entry.get("defenses") or []) - set(config["defenses"]))
-        if unknown:
-            raise ConfigError(f"datasets.{ds_name}.defenses: {unknown} are not configured under `defenses` "
-                              f"(configured: {sorted(config['defenses'])}); add them there first")
+        for section in ("defenses", "detectors"):
+            unknown = sorted(set(entry.get(section) or []) - set(config[section]))
+            if unknown:
+                raise ConfigError(f"datasets.{ds_name}.{section}: {unknown} are not configured under "
+                                  f"`{section}` (configured: {sorted(config[section])}); add them there first")
+        modality = DATASETS.get(ds_name).modality
+        misfits = [d for d in entry.get("defenses") or [] if modality not in DEFENSES.get(d).modalities]
+        if misfits:
+            raise ConfigError(f"datasets.{ds_name}.defenses: {misfits} only work on "
+                              f"{[list(DEFENSES.get(d).modalities) for d in misfits]} data, not {modality!r}")
     from .trainer import TrainSettings
 
     try:
@@ -101,9 +109,21 @@ def check_names(config: dict) -> None:
 
 
 def defenses_for(config: dict, dataset: str) -> list[str]:
-    """The defenses run on one dataset: datasets.<name>.defenses (a subset of the `defenses` section,
-    e.g. a test-time point-cloud filter only where it applies), else every configured defense."""
-    return list(config["datasets"][dataset].get("defenses") or config["defenses"])
+    """The defenses run on one dataset: datasets.<name>.defenses (a subset of the `defenses` section),
+    else every configured defense that applies to the dataset's modality (a point-cloud filter such as
+    `sor` runs only on point clouds)."""
+    chosen = config["datasets"][dataset].get("defenses")
+    if chosen:
+        return list(chosen)
+    modality = DATASETS.get(dataset).modality
+    return [d for d in config["defenses"] if modality in DEFENSES.get(d).modalities]
+
+
+def detectors_for(config: dict, dataset: str) -> list[str]:
+    """The detectors run on one dataset: datasets.<name>.detectors (an empty list turns detection off
+    there), else every configured detector."""
+    chosen = config["datasets"][dataset].get("detectors")
+    return list(config["detectors"] if chosen is None else chosen)
 
 
 def clean_budget_settings(config: dict, dataset: str) -> dict:
@@ -124,6 +144,7 @@ def validate(config: dict) -> dict:
     """The checked config with defaults filled in."""
     config = apply_schema(config)
     config["defenses"] = {k: (v or {}) for k, v in config["defenses"].items()}
+    config["detectors"] = {k: (v or {}) for k, v in config["detectors"].items()}
     check_names(config)
     return config
 

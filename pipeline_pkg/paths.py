@@ -22,9 +22,20 @@ def defense_dir(results, dataset, attack, arch, seed, defense) -> Path:
     return train_dir(results, dataset, attack, arch, seed) / defense
 
 
+def trigger_figure(results: str | Path, dataset: str, attack: str) -> Path:
+    return Path(results) / "figures" / dataset / f"{attack}.png"
+
+
+def summary_paths(out_dir: str | Path, dataset: str) -> dict[str, Path]:
+    """The aggregate outputs of one dataset in `out_dir`: results table (csv, md), plot (png) and
+    detection table (detection_csv, detection_md)."""
+    out_dir = Path(out_dir)
+    return {**{ext: out_dir / f"{dataset}.{ext}" for ext in ("csv", "md", "png")},
+            **{f"detection_{ext}": out_dir / f"{dataset}.detection.{ext}" for ext in ("csv", "md")}}
+
+
 def summary_files(results: str | Path, dataset: str) -> dict[str, Path]:
-    base = Path(results) / "summary"
-    return {ext: base / f"{dataset}.{ext}" for ext in ("csv", "md", "png")}
+    return summary_paths(Path(results) / "summary", dataset)
 
 
 def resolved_config_file(results: str | Path) -> Path:

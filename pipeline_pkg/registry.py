@@ -58,5 +58,7 @@ DATASETS: Registry = Registry("dataset", "pipeline_pkg.datasets")
 ATTACKS: Registry = Registry("attack", "pipeline_pkg.attacks")
 MODELS: Registry = Registry("arch", "pipeline_pkg.models")
 DEFENSES: Registry = Registry("defense", "pipeline_pkg.defenses")
+DETECTORS: Registry = Registry("detector", "pipeline_pkg.detectors")
 
-REGISTRIES = {"dataset": DATASETS, "attack": ATTACKS, "arch": MODELS, "defense": DEFENSES}
+REGISTRIES = {"dataset": DATASETS, "attack": ATTACKS, "arch": MODELS, "defense": DEFENSES,
+              "detector": DETECTORS}

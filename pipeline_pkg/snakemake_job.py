@@ -22,7 +22,10 @@ CLI_ARGS = {
     "train": ("dataset", "attack", "arch", "seed"),
     "purify": ("dataset", "attack", "arch", "seed", "defense"),
     "evaluate": ("dataset", "attack", "arch", "seed", "defense"),
+    "detect": ("dataset", "attack", "arch", "seed", "detector"),
+    "retrain": ("dataset", "attack", "arch", "seed", "detector"),
     "aggregate": ("dataset",),
+    "render-trigger": ("dataset", "attack"),
 }
 
 

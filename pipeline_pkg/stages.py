@@ -3,6 +3,7 @@ these, so every job can be rerun by hand with the same code and the same outputs
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from .datasets.base import Dataset
 from .evaluator import attack_metrics, defense_effectiveness
 from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5, write_json
 from .models import Classifier, count_parameters
-from .registry import ATTACKS, DATASETS, DEFENSES, MODELS
+from .registry import ATTACKS, DATASETS, DEFENSES, DETECTORS, MODELS
 from .runtime import pick_device, seed_everything
 from .sharpness import sharpness
 from .trainer import fit, settings_hash
@@ -27,6 +28,24 @@ log = logging.getLogger(__name__)
 
 # Prefix of a learned trigger's arrays in the poison file (Attack.state_arrays).
 TRIGGER_STATE = "trigger."
+# A detector's results live beside the defenses' as `detect-<detector>/`: evaluate and aggregate treat
+# "detect:<detector>" (detection, then retraining without the flagged samples) like a defense.
+DETECT_PREFIX = "detect-"
+
+
+def detect_folder(detector: str) -> str:
+    return DETECT_PREFIX + detector
+
+
+def detector_of(method: str) -> str | None:
+    """The detector behind a `detect-<detector>` method folder; None for a defense."""
+    return method[len(DETECT_PREFIX):] if method.startswith(DETECT_PREFIX) else None
+
+
+def method_label(method: str) -> str:
+    """How results name a method: the defense, or `detect:<detector>`."""
+    detector = detector_of(method)
+    return method if detector is None else f"detect:{detector}"
 
 
 # --- resolved settings: what each job depends on; logged as MLflow params and hashed for resume ---
@@ -51,16 +70,23 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
     if arch is not None:
         settings["arch"] = {"name": arch, **component(MODELS, arch, config["models"].get(arch), "models").params}
         settings["train"] = train_settings(config, dataset).params
-    if defense is not None:
+    if defense is not None and detector_of(defense) is not None:
+        detector = detector_of(defense)
+        settings["detector"] = {"name": detector, **detector_obj(config, detector).params}
+    elif defense is not None:
         settings["defense"] = {"name": defense,
                                **component(DEFENSES, defense, config["defenses"].get(defense), "defenses").params}
     return settings
 
 
+def detector_obj(config: dict, detector: str):
+    return component(DETECTORS, detector, config["detectors"].get(detector), f"detectors.{detector}")
+
+
 def tags(stage: str, dataset: str, attack: str, arch: str = "", seed: int | str = "",
          defense: str = "") -> dict[str, str]:
     return {"stage": stage, "dataset": dataset, "attack": attack, "arch": arch, "seed": str(seed),
-            "defense": defense}
+            "defense": method_label(defense)}
 
 
 def tracker(config: dict, stage: str, run_name: str, run_tags: dict, params: dict):
@@ -129,13 +155,15 @@ def poison(config: dict, dataset: str, attack: str, seed: int, data_file: str | 
     atk.fit(x_train[rest], y_train[rest], num_classes, seed)
     x_p, y_p, poisoned = atk.poison(x_train[rest], y_train[rest], num_classes, rng)
     x_bd, y_bd, y_bd_true = atk.triggered_test(arrays["x_test"], arrays["y_test"], num_classes)
+    # Which clean test sample each triggered one was made from (the report draws the pairs).
+    test_bd_idx = np.flatnonzero(atk.attacked(arrays["y_test"], atk.target_labels(arrays["y_test"], num_classes)))
     log.info("%s: poisoned %d of %d training samples; %d triggered test samples; %d clean held out",
              attack, len(poisoned), len(rest), len(x_bd), len(val_idx))
     return write_h5(out, {
         "x_train": x_p, "y_train": y_p, "y_train_clean": y_train[rest], "poisoned_idx": poisoned,
         "x_val": x_train[val_idx], "y_val": y_train[val_idx],
         "x_test": arrays["x_test"], "y_test": arrays["y_test"],
-        "x_test_bd": x_bd, "y_test_bd": y_bd, "y_test_bd_true": y_bd_true,
+        "x_test_bd": x_bd, "y_test_bd": y_bd, "y_test_bd_true": y_bd_true, "test_bd_idx": test_bd_idx,
         **{TRIGGER_STATE + key: value for key, value in atk.state_arrays().items()},
     }, {**{k: attrs[k] for k in ("dataset", "modality", "class_names")}, "attack": attack,
         "attack_params": atk.params, "seed": seed, "clean_budget": budget})
@@ -176,12 +204,17 @@ def save_model(model: torch.nn.Module, path: str | Path, meta: dict) -> Path:
 
 
 def load_model(config: dict, path: str | Path, device: torch.device) -> tuple[Classifier, dict]:
-    """The model and its metadata (arch, input shape, classes), without the weights."""
+    """The model and its metadata (arch, input shape, classes), without the weights. A model purified
+    by a test-time defense (e.g. `sor`) comes back wrapped in that defense's input filter."""
     ckpt = load_checkpoint(path)
     state = ckpt.pop("model")
     model = build_model(config, ckpt["arch"], ckpt["input_shape"], int(ckpt["num_classes"]))
     model.load_state_dict(state)
-    return model.to(device).eval(), ckpt
+    model = model.to(device).eval()
+    if ckpt.get("input_filter"):
+        params = dict(ckpt["input_filter"])
+        model = DEFENSES.get(params.pop("name"))(**params).wrap(model).eval()
+    return model, ckpt
 
 
 def load_trained(config: dict, dataset: str, attack: str, arch: str, seed: int,
@@ -197,37 +230,153 @@ def load_trained(config: dict, dataset: str, attack: str, arch: str, seed: int,
 
 # --- train ---
 
+def snapshot_epochs(epochs: int, ensemble: int) -> list[int]:
+    """The epochs (0-based) whose weights the train stage keeps besides the final model, evenly spaced,
+    so that a detector can use `ensemble` checkpoints of one training run (TRAK's ensemble)."""
+    picks = {round(epochs * i / ensemble) - 1 for i in range(1, ensemble)}
+    return sorted(e for e in picks if 0 <= e < epochs - 1)
+
+
+def fit_on(config: dict, dataset: str, arch: str, seed: int, data: dict[str, torch.Tensor],
+           keep: torch.Tensor | None, num_classes: int, run, out: str | Path, resume_key: str,
+           snapshots: list[int] = ()) -> tuple[Classifier, dict, list[dict], dict[int, dict]]:
+    """Train a fresh `arch` on the poisoned training set (only the samples `keep` when given), logging
+    per-epoch test metrics to `run`: the train stage and the retraining after detection share it.
+    Returns the model, its final metrics, the per-epoch history and the weights at the `snapshots` epochs."""
+    settings = train_settings(config, dataset)
+    x, y = data["x_train"], data["y_train"]
+    if keep is not None:
+        x, y = x[keep], y[keep]
+    model = build_model(config, arch, x.shape[1:], num_classes).to(x.device)
+    history: list[dict] = []
+    # Snapshots taken so far are kept on disk too: a job resumed after a restart still has them all.
+    partial = Path(out).with_name("snapshots.partial.pt")
+    kept_states: dict[int, dict] = {}
+    if snapshots and partial.exists():
+        saved = load_checkpoint(partial)
+        if saved.get("resume_key") == resume_key:
+            kept_states = dict(zip(saved["epochs"], saved["states"]))
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        metrics = {**metrics, **attack_metrics(model, data)}
+        history.append({"epoch": epoch, **metrics})
+        model.train()
+        log.info("epoch %d test: acc %.4f asr %.4f", epoch + 1, metrics["acc"], metrics["asr"])
+        run.log_metrics(metrics, step=epoch)
+        if epoch in snapshots:
+            kept_states[epoch] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            save_checkpoint({"resume_key": resume_key, "epochs": list(kept_states),
+                             "states": list(kept_states.values())}, partial)
+
+    started = time.perf_counter()
+    fit(model, x, y, settings, seed=seed, checkpoint=Path(out).with_name("checkpoint.pt"),
+        resume_key=resume_key, augment=dataset_obj(config, dataset).params.get("augment", ()),
+        on_epoch=on_epoch)
+    final = {**attack_metrics(model, data), "train_seconds": time.perf_counter() - started}
+    run.log_metrics(final)
+    return model, final, history, kept_states
+
+
+def model_meta(arch: str, data: dict[str, torch.Tensor], num_classes: int) -> dict:
+    return {"arch": arch, "input_shape": list(data["x_train"].shape[1:]), "num_classes": num_classes,
+            "package_version": __version__}
+
+
 def train(config: dict, dataset: str, attack: str, arch: str, seed: int, poison_file: str | Path,
           out: str | Path) -> Path:
+    """The (possibly backdoored) model, its train.json (final metrics and per-epoch history) and
+    snapshots.pt (weights at `detection.ensemble` − 1 earlier epochs, for the detectors)."""
     device = pick_device(config["device"])
     seed_everything(seed, config["threads"])
     data, attrs = load_poisoned(poison_file, device)
-    settings = train_settings(config, dataset)
+    num_classes = len(attrs["class_names"])
     resolved = {**job_settings(config, dataset, attack, arch), "seed": seed}
-    model = build_model(config, arch, data["x_train"].shape[1:], len(attrs["class_names"])).to(device)
+    epochs = snapshot_epochs(int(train_settings(config, dataset).epochs), int(config["detection"]["ensemble"]))
     run_tags = tags("train", dataset, attack, arch, seed)
-    history: list[dict] = []
     with tracker(config, "train", f"train/{dataset}/{attack}/{arch}/seed{seed}", run_tags, resolved) as run:
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            metrics = {**metrics, **attack_metrics(model, data)}
-            history.append({"epoch": epoch, **metrics})
-            model.train()
-            log.info("epoch %d test: acc %.4f asr %.4f", epoch + 1, metrics["acc"], metrics["asr"])
-            run.log_metrics(metrics, step=epoch)
-
-        started = time.perf_counter()
-        fit(model, data["x_train"], data["y_train"], settings, seed=seed,
-            checkpoint=Path(out).with_name("checkpoint.pt"), resume_key=settings_hash(resolved),
-            augment=dataset_obj(config, dataset).params.get("augment", ()), on_epoch=on_epoch)
-        final = {**attack_metrics(model, data), "train_seconds": time.perf_counter() - started}
-        run.log_metrics(final)
+        model, final, history, states = fit_on(config, dataset, arch, seed, data, None, num_classes, run, out,
+                                               settings_hash(resolved), epochs)
     # What the run logged, on disk, so that `sync-tracking` can re-send it if MLflow missed it.
     write_json(Path(out).with_name("train.json"), {"final": final, "history": history})
-    meta = {"arch": arch, "input_shape": list(data["x_train"].shape[1:]),
-            "num_classes": len(attrs["class_names"]), "package_version": __version__}
-    path = save_model(model, out, meta)
-    Path(out).with_name("checkpoint.pt").unlink(missing_ok=True)
+    save_checkpoint({"epochs": sorted(states), "states": [states[e] for e in sorted(states)]},
+                    Path(out).with_name("snapshots.pt"))
+    path = save_model(model, out, model_meta(arch, data, num_classes))
+    for leftover in ("checkpoint.pt", "snapshots.partial.pt"):
+        Path(out).with_name(leftover).unlink(missing_ok=True)
     return path
+
+
+def load_ensemble(config: dict, model_file: str | Path, snapshots_file: str | Path,
+                  device: torch.device) -> list[Classifier]:
+    """The train stage's snapshots and its final model (last), as models in eval mode."""
+    final, _ = load_model(config, model_file, device)
+    models = []
+    for state in load_checkpoint(snapshots_file)["states"]:
+        model = copy.deepcopy(final)
+        model.load_state_dict(state)
+        models.append(model.eval())
+    return [*models, final]
+
+
+# --- detect and retrain ---
+
+def detect(config: dict, dataset: str, attack: str, arch: str, seed: int, detector: str,
+           poison_file: str | Path, model_file: str | Path, snapshots_file: str | Path,
+           out_dir: str | Path) -> Path:
+    """Score every training sample with one detector, flag the top `flag_rate` share, and measure the
+    flags against the poisoned indices the poison stage recorded: detection.json and flagged.h5."""
+    from .detectors.base import detection_metrics
+
+    device = pick_device(config["device"])
+    seed_everything(seed, config["threads"])
+    data, attrs = load_poisoned(poison_file, device)
+    models = load_ensemble(config, model_file, snapshots_file, device)
+    method = detector_obj(config, detector)
+    method_dir = detect_folder(detector)
+    resolved = {**job_settings(config, dataset, attack, arch, method_dir), "seed": seed}
+    run_tags = tags("detect", dataset, attack, arch, seed, method_dir)
+    with tracker(config, "detect", f"detect/{dataset}/{attack}/{arch}/seed{seed}/{detector}",
+                 run_tags, resolved) as run:
+        started = time.perf_counter()
+        scores = np.asarray(method.scores(models, data["x_train"], data["y_train"], seed=seed), dtype=np.float64)
+        flagged = method.flag(scores)
+        seconds = time.perf_counter() - started
+        poisoned = data["poisoned_idx"].cpu().numpy()
+        metrics = {**detection_metrics(scores, flagged, poisoned, len(scores)), "detect_seconds": seconds}
+        run.log_metrics({k: float(v) for k, v in metrics.items()})
+    out_dir = Path(out_dir)
+    write_h5(out_dir / "flagged.h5", {"scores": scores, "flagged": np.asarray(flagged, dtype=np.int64)},
+             {"detector": detector, "params": method.params, "dataset": dataset, "attack": attack})
+    log.info("%s on %s/%s: %s", detector, dataset, attack, {k: round(float(v), 4) for k, v in metrics.items()})
+    return write_json(out_dir / "detection.json", {"dataset": dataset, "attack": attack, "arch": arch,
+                                                   "seed": seed, "detector": detector, **metrics})
+
+
+def retrain(config: dict, dataset: str, attack: str, arch: str, seed: int, detector: str,
+            poison_file: str | Path, flagged_file: str | Path, detection_file: str | Path,
+            model_out: str | Path, report_out: str | Path) -> Path:
+    """Train a fresh model on the training set minus the flagged samples; its report counts detection
+    and retraining time as the method's cost (purify_seconds), like a defense's."""
+    device = pick_device(config["device"])
+    seed_everything(seed, config["threads"])
+    data, attrs = load_poisoned(poison_file, device)
+    num_classes = len(attrs["class_names"])
+    flagged = read_h5(flagged_file, ["flagged"])[0]["flagged"]
+    keep = np.setdiff1d(np.arange(len(data["y_train"])), flagged)
+    method_dir = detect_folder(detector)
+    resolved = {**job_settings(config, dataset, attack, arch, method_dir), "seed": seed}
+    run_tags = tags("retrain", dataset, attack, arch, seed, method_dir)
+    with tracker(config, "retrain", f"retrain/{dataset}/{attack}/{arch}/seed{seed}/{detector}",
+                 run_tags, resolved) as run:
+        model, final, _, _ = fit_on(config, dataset, arch, seed, data, torch.from_numpy(keep).to(device),
+                                    num_classes, run, model_out, settings_hash(resolved))
+        report = {"purify_seconds": read_json(detection_file)["detect_seconds"] + final["train_seconds"],
+                  "trainable_params": count_parameters(model), "total_params": count_parameters(model, False),
+                  "clean_samples": 0, "removed_samples": int(len(flagged))}
+        run.log_metrics({k: float(v) for k, v in report.items()})
+    save_model(model, model_out, model_meta(arch, data, num_classes))
+    Path(model_out).with_name("checkpoint.pt").unlink(missing_ok=True)
+    return write_json(report_out, report)
 
 
 # --- purify ---
@@ -265,7 +414,11 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
                   "total_params": count_parameters(purified, trainable_only=False),
                   "clean_samples": len(x_clean)}
         run.log_metrics({k: float(v) for k, v in report.items()})
-    save_model(purified, model_out, meta)
+    if getattr(method, "test_time", False):
+        # A test-time defense leaves the weights alone: keep them, and the filter to re-apply on load.
+        save_model(model, model_out, {**meta, "input_filter": {"name": defense, **method.params}})
+    else:
+        save_model(purified, model_out, meta)
     return write_json(report_out, report)
 
 
@@ -292,7 +445,7 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
         after.update({k: before[k] for k in ("lambda_max", "hessian_trace")} if unchanged
                      else sharpness(purified, x, y, **measure))
     report = read_json(purify_report)
-    result = {"dataset": dataset, "attack": attack, "arch": arch, "seed": seed, "defense": defense,
+    result = {"dataset": dataset, "attack": attack, "arch": arch, "seed": seed, "defense": method_label(defense),
               **after, "der": defense_effectiveness(before, after), "undefended": before,
               "purify_seconds": report["purify_seconds"], "trainable_params": report["trainable_params"]}
     run_tags = tags("evaluate", dataset, attack, arch, seed, defense)

@@ -229,3 +229,37 @@ def test_aggregate_logs_mlflow_run(metrics_files: list[Path], tmp_path: Path,
         for info in client.list_artifacts(run.info.run_id, pending.pop()):
             (pending.append(info.path) if info.is_dir else artifacts.add(Path(info.path).name))
     assert {"rf1024.csv", "rf1024.md", "rf1024.png"} <= artifacts
+
+
+def test_detection_table_averages_seeds_and_marks_what_was_not_run(metrics_files: list[Path],
+                                                                   tmp_path: Path) -> None:
+    directory = tmp_path / "detections"
+    directory.mkdir()
+    rows = [("burst", "spectral", 0, 0.90, 0.02, 0.97), ("burst", "spectral", 1, 0.70, 0.04, 0.93),
+            ("burst", "strongest_feature", 0, 1.0, 0.05, 0.99), ("none", "spectral", 0, None, 0.15, None)]
+    files = []
+    for attack, detector, seed, tpr, fpr, auroc in rows:
+        path = directory / f"{attack}-{detector}-{seed}.json"
+        path.write_text(json.dumps({"dataset": DATASET, "attack": attack, "arch": ARCH, "seed": seed,
+                                    "detector": detector, "tpr": tpr, "fpr": fpr, "auroc": auroc,
+                                    "flagged": 15, "poisoned": 10, "detect_seconds": 1.5}))
+        files.append(path)
+    config = {"datasets": {DATASET: {"attacks": ["none", "burst"], "archs": [ARCH]}},
+              "detectors": {"strongest_feature": {}, "spectral": {}}}
+    outputs = aggregate(metrics_files, tmp_path / "out", dataset=DATASET, detection_files=files)
+    table = outputs["detection_md"].read_text()
+    burst_row = next(line for line in table.splitlines() if line.startswith("| burst"))
+    # seeds averaged: TPR (0.9 + 0.7) / 2, FPR 3%, AUROC 95%
+    assert "80.0 / 3.0 / 95.0" in burst_row and "100.0 / 5.0 / 99.0" in burst_row
+    none_row = next(line for line in table.splitlines() if line.startswith("| none"))
+    assert "n/a / 15.0 / n/a" in none_row and "—" in none_row  # strongest_feature not run on none
+    csv = pd.read_csv(outputs["detection_csv"])
+    assert len(csv) == 3 and set(csv["detector"]) == {"spectral", "strongest_feature"}
+    # with a config, columns follow its detector order
+    from pipeline_pkg.aggregate import aggregate_detection
+    ordered = aggregate_detection(files, {"csv": tmp_path / "d.csv", "md": tmp_path / "d.md"},
+                                  config=config, dataset=DATASET)
+    header = ordered["md"].read_text().splitlines()[4]
+    assert header.index("strongest_feature") < header.index("spectral")
+    empty = aggregate(metrics_files, tmp_path / "none", dataset=DATASET, detection_files=[])
+    assert "No detector was configured" in empty["detection_md"].read_text()

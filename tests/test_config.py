@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import yaml
 
 from pipeline_pkg.config import ConfigError, load, validate
 
@@ -13,8 +14,6 @@ def default(repo):
 
 
 def raw(repo):
-    import yaml
-
     return yaml.safe_load((repo / "config" / "config.yaml").read_text())
 
 
@@ -108,5 +107,18 @@ def test_cifar10_config_is_the_full_grid(repo):
     config = load(repo / "config" / "cifar10.yaml")
     image_attacks = {n for n in ATTACKS.names() if "image" in ATTACKS.get(n).modalities}
     assert set(config["datasets"]["cifar10"]["attacks"]) == image_attacks
-    assert set(config["defenses"]) == set(DEFENSES.names())
+    assert set(config["defenses"]) == {n for n in DEFENSES.names() if "image" in DEFENSES.get(n).modalities}
     assert DATASETS.get("cifar10").modality == "image"
+
+
+def test_a_point_cloud_filter_runs_only_on_point_clouds(repo):
+    from pipeline_pkg.config import defenses_for
+
+    raw = yaml.safe_load((repo / "config" / "tiny.yaml").read_text())
+    raw["defenses"]["sor"] = {}
+    raw["datasets"]["shapes"] = {"archs": ["pointnet"], "attacks": ["pointba_i"]}
+    config = validate(raw)
+    assert "sor" in defenses_for(config, "shapes") and "sor" not in defenses_for(config, "rf1024")
+    raw["datasets"]["rf1024"]["defenses"] = ["none", "sor"]
+    with pytest.raises(ConfigError, match=r"datasets.rf1024.defenses: \['sor'\] only work on \[\['pointcloud'\]\]"):
+        validate(raw)

@@ -20,12 +20,12 @@ def row_of(text: str, name: str) -> str:
     return match.group(0)
 
 
-@pytest.mark.parametrize("kind", ["attack", "arch", "defense"])
+@pytest.mark.parametrize("kind", ["attack", "arch", "defense", "detector"])
 def test_every_component_and_parameter_is_documented(config_readme, kind):
     for name in REGISTRIES[kind].names():
         component = REGISTRIES[kind].get(name)
         own = getattr(component, "trigger_defaults", None) if kind == "attack" else (
-            getattr(component, "method_defaults", None) if kind == "defense" else component.defaults)
+            getattr(component, "method_defaults", None) if kind in ("defense", "detector") else component.defaults)
         row = row_of(config_readme, name)
         for key in own or {}:
             assert f"`{key}`" in row, f"{kind} {name}: parameter `{key}` missing from its config/README.md row"

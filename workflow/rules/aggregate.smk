@@ -1,6 +1,7 @@
 rule aggregate:
     input:
-        dataset_metrics,
+        metrics=dataset_metrics,
+        detections=dataset_detections,
     output:
         csv=f"{RESULTS}/summary/{{dataset}}.csv",
         md=report(
@@ -14,6 +15,13 @@ rule aggregate:
             caption="../report/plot.rst",
             category="Results",
             labels={"dataset": "{dataset}", "type": "ASR vs ACC"},
+        ),
+        detection_csv=f"{RESULTS}/summary/{{dataset}}.detection.csv",
+        detection_md=report(
+            f"{RESULTS}/summary/{{dataset}}.detection.md",
+            caption="../report/detection.rst",
+            category="Results",
+            labels={"dataset": "{dataset}", "type": "poison detection"},
         ),
     params:
         out_dir=lambda w, output: os.path.dirname(output.csv),

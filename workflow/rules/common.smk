@@ -42,11 +42,47 @@ def run_dirs(dataset):
     ]
 
 
+def detect_settings(wildcards):
+    """Resolved settings of a detect or retrain job (a config change reruns it)."""
+    return stages.job_settings(
+        config,
+        wildcards.dataset,
+        wildcards.attack,
+        wildcards.arch,
+        stages.detect_folder(wildcards.detector),
+    )
+
+
+def methods(dataset):
+    """Folders of the methods evaluated on a dataset: its defenses, then detect-<detector> per detector."""
+    return pipeline_config.defenses_for(config, dataset) + [
+        stages.detect_folder(d) for d in pipeline_config.detectors_for(config, dataset)
+    ]
+
+
 def dataset_metrics(wildcards):
     return [
-        f"{run}/{defense}/metrics.json"
+        f"{run}/{method}/metrics.json"
         for run in run_dirs(wildcards.dataset)
-        for defense in pipeline_config.defenses_for(config, wildcards.dataset)
+        for method in methods(wildcards.dataset)
+    ]
+
+
+def dataset_detections(wildcards):
+    return [
+        f"{run}/{stages.detect_folder(detector)}/detection.json"
+        for run in run_dirs(wildcards.dataset)
+        for detector in pipeline_config.detectors_for(config, wildcards.dataset)
+    ]
+
+
+def trigger_figures():
+    """One picture of a clean and a triggered test input per (dataset, backdoor attack)."""
+    return [
+        paths.trigger_figure(RESULTS, dataset, attack)
+        for dataset, entry in config["datasets"].items()
+        for attack in entry["attacks"]
+        if attack != "none"
     ]
 
 

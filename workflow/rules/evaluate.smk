@@ -1,4 +1,7 @@
 rule evaluate:
+    # A method folder is a defense or detect-<detector> (made by the retrain rule).
+    wildcard_constraints:
+        defense="[A-Za-z0-9_]+|detect-[A-Za-z0-9_]+",
     input:
         poison=f"{RESULTS}/{{dataset}}/{{attack}}/poison-seed{{seed}}.h5",
         backdoored=f"{RESULTS}/{RUN}/model.pt",
