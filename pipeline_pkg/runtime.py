@@ -26,7 +26,17 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     if threads:
         torch.set_num_threads(int(threads))
     if not torch.cuda.is_available():
+        deterministic_algorithms()
+
+
+def deterministic_algorithms() -> None:
+    """torch.use_deterministic_algorithms(True) without its import of the inductor compiler, which
+    only sets the compiler's own flag and costs about a second in every job; nothing here compiles."""
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is None:  # a torch without the private setter: pay the import
         torch.use_deterministic_algorithms(True)
+    else:
+        set_flag(True)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
