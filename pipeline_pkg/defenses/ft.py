@@ -14,11 +14,16 @@ from .base import Defense
 
 @DEFENSES.register("ft")
 class FineTuning(Defense):
-    method_defaults = {"steps": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128}
+    # max_grad_norm: clip the gradient norm (null: no clipping). A model trained with Adam (PointNet's
+    # recipe) can sit where plain SGD steps of this size blow up; clipping keeps them bounded.
+    method_defaults = {"steps": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
+                       "max_grad_norm": None}
 
     def check_method(self) -> None:
         self.positive("steps", "lr", "batch_size")
         self.non_negative("momentum", "weight_decay")
+        self.require(self.max_grad_norm is None or float(self.max_grad_norm) > 0, "max_grad_norm",
+                     "must be positive or null")
 
     def purify(self, model, x, y, *, seed, log=lambda m, s: None):
         self.train_mode(model)
@@ -37,6 +42,8 @@ class FineTuning(Defense):
             check_finite(loss, f"ft step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, float(self.max_grad_norm))
             optimizer.step()
             scheduler.step()
             if step % int(self.log_every) == 0:
