@@ -110,7 +110,7 @@ def reduced_config(path: Path, experiment: str, attacks: list[str], epochs: int,
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     config["results_dir"] = str(path / "results")
     config["data_root"] = str(path / "data")
-    config["datasets"] = {"rf1024": {**config["datasets"]["rf1024"], "attacks": attacks}}
+    config["datasets"] = {"rf1024": {**config["datasets"]["rf1024"], "attacks": attacks, "detectors": []}}
     config["defenses"] = {"none": {}, "ft": {"steps": 20}}
     config["defenses"] = {name: config["defenses"][name] for name in defenses}
     config["train"]["epochs"] = epochs

@@ -13,11 +13,17 @@ import yaml
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DEFENSES = list(yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())["defenses"])
+TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+DEFENSES = [d for d in TINY["defenses"] if d != "sor"]  # on rf1024; sor filters point clouds only
 ATTACKS = ["none", "burst"]
 IMAGE_ATTACKS = ["badnets"]  # on digits
-IMAGE_DEFENSES = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())["datasets"]["digits"]["defenses"]
-STAGES = ["download", "generate_rf1024", "prepare_dataset", "poison", "train", "purify", "evaluate", "aggregate"]
+IMAGE_DEFENSES = TINY["datasets"]["digits"]["defenses"]
+CLOUD_ATTACKS = TINY["datasets"]["shapes"]["attacks"]
+CLOUD_DEFENSES = TINY["datasets"]["shapes"]["defenses"]
+# One detector per dataset: each dataset's list in tiny.yaml.
+DETECTORS = {name: entry["detectors"] for name, entry in TINY["datasets"].items()}
+STAGES = ["download", "generate_rf1024", "prepare_dataset", "poison", "train", "purify", "detect", "retrain",
+          "evaluate", "aggregate", "render_trigger"]
 
 
 def snakemake(repo: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -144,15 +150,21 @@ def test_every_job_is_one_mlflow_run_with_tags_and_metrics(run):
     runs = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
             if "invocation" in r.data.tags]
     stages = sorted(r.data.tags["stage"] for r in runs)
-    trained = len(ATTACKS) + len(IMAGE_ATTACKS)
-    n = len(ATTACKS) * len(DEFENSES) + len(IMAGE_ATTACKS) * len(IMAGE_DEFENSES)
-    assert stages.count("train") == trained and stages.count("purify") == n and stages.count("evaluate") == n
-    assert stages.count("aggregate") == 2 and len(runs) == trained + 2 + 2 * n
+    trained = len(ATTACKS) + len(IMAGE_ATTACKS) + len(CLOUD_ATTACKS)
+    n = len(ATTACKS) * len(DEFENSES) + len(IMAGE_ATTACKS) * len(IMAGE_DEFENSES) + len(CLOUD_ATTACKS) * len(CLOUD_DEFENSES)
+    detected = len(ATTACKS) + len(IMAGE_ATTACKS) + len(CLOUD_ATTACKS)  # one detector per dataset
+    assert stages.count("train") == trained and stages.count("purify") == n
+    assert stages.count("detect") == detected and stages.count("retrain") == detected
+    assert stages.count("evaluate") == n + detected
+    assert stages.count("aggregate") == 3 and len(runs) == trained + 3 + 2 * n + 3 * detected
     assert len({r.data.tags["invocation"] for r in runs}) == 1
     evaluations = [r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.tags["dataset"] == "rf1024"]
     assert {(r.data.tags["attack"], r.data.tags["defense"]) for r in evaluations} == {
-        (a, d) for a in ATTACKS for d in DEFENSES}
+        (a, d) for a in ATTACKS for d in DEFENSES + ["detect:spectral"]}
     for r in evaluations:
+        if r.data.tags["defense"].startswith("detect:"):
+            assert r.data.params["detector.name"] == "spectral"
+            continue
         assert {"acc", "asr", "ra", "der", "purify_seconds"} <= set(r.data.metrics)
         assert r.data.params["defense.name"] == r.data.tags["defense"]
         m = read_metrics(results, r.data.tags["attack"], r.data.tags["defense"])
@@ -179,3 +191,52 @@ def test_lint_is_clean_and_dry_run_lists_all_seven_stages(repo, tmp_path):
     assert dry.returncode == 0, dry.stderr[-3000:]
     for stage in STAGES:
         assert f"rule {stage}:" in dry.stdout or f"localrule {stage}:" in dry.stdout, stage
+
+
+def test_point_clouds_run_through_every_stage_with_the_test_time_filter(run):
+    _, workdir, results = run
+    assert json.loads((workdir / "data/shapes/manifest.json").read_text())["generated"] is True
+    with h5py.File(results / "shapes/pointba_i/poison-seed0.h5") as f:
+        assert f["x_train"].dtype == "float32" and f["x_train"].shape[1:] == (64, 3)
+        assert len(f["poisoned_idx"]) == round(0.1 * len(f["x_train"]))
+    base = results / "shapes/pointba_i/pointnet/seed0"
+    sor = json.loads((base / "sor/metrics.json").read_text())
+    assert sor["defense"] == "sor" and sor["trainable_params"] == 0 and sor["purify_seconds"] >= 0
+    # The weights are the backdoored model's; the filter is stored beside them and re-applied on load.
+    saved = torch.load(base / "sor/model.pt", weights_only=True)
+    original = torch.load(base / "model.pt", weights_only=True)["model"]
+    assert saved["input_filter"]["name"] == "sor"
+    assert all(torch.equal(original[k], saved["model"][k]) for k in original)
+    assert "| pointba_i" in (results / "summary/shapes.md").read_text()
+
+
+def test_detectors_flag_train_set_samples_and_retrained_models_are_evaluated_beside_the_defenses(run):
+    _, _, results = run
+    for dataset, attack, arch in [("rf1024", "burst", "rf_cnn"), ("digits", "badnets", "resnet9"),
+                                  ("shapes", "pointba_i", "pointnet")]:
+        detector = DETECTORS[dataset][0]
+        folder = results / dataset / attack / arch / "seed0" / f"detect-{detector}"
+        found = json.loads((folder / "detection.json").read_text())
+        with h5py.File(results / dataset / attack / "poison-seed0.h5") as f:
+            n_train, n_poisoned = len(f["y_train"]), len(f["poisoned_idx"])
+        with h5py.File(folder / "flagged.h5") as f:
+            assert len(f["scores"]) == n_train and len(f["flagged"]) == round(0.15 * n_train)
+        assert found["poisoned"] == n_poisoned and found["flagged"] == round(0.15 * n_train)
+        assert 0 <= found["tpr"] <= 1 and 0 <= found["fpr"] <= 1 and 0 <= found["auroc"] <= 1
+        report = json.loads((folder / "purify.json").read_text())
+        assert report["removed_samples"] == found["flagged"] and report["purify_seconds"] > found["detect_seconds"]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["defense"] == f"detect:{detector}"
+        assert f"detect:{detector}" in (results / f"summary/{dataset}.md").read_text()
+        table = (results / f"summary/{dataset}.detection.md").read_text()
+        assert f"| {attack}" in table and detector in table
+    # A strong patch on digits is found: the strongest-feature detector ranks its poisons high.
+    digits = json.loads((results / "digits/badnets/resnet9/seed0/detect-strongest_feature/detection.json").read_text())
+    assert digits["auroc"] > 0.8
+
+
+def test_each_backdoor_gets_a_picture_of_its_trigger(run):
+    _, _, results = run
+    for dataset, attack in [("rf1024", "burst"), ("digits", "badnets"), ("shapes", "pointba_i")]:
+        assert (results / "figures" / dataset / f"{attack}.png").read_bytes().startswith(b"\x89PNG")
+    assert not (results / "figures/rf1024/none.png").exists()

@@ -48,7 +48,7 @@ def workdir(tmp_path_factory) -> Path:
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     config.update(results_dir="results", defenses={"none": {}, "ft": {"steps": 20}},
                   evaluate={"sharpness_samples": 0}, tracking={"enabled": False})
-    config["datasets"] = {"rf1024": {**config["datasets"]["rf1024"], "attacks": ["burst"]}}
+    config["datasets"] = {"rf1024": {**config["datasets"]["rf1024"], "attacks": ["burst"], "detectors": []}}
     config["train"]["epochs"] = 3
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     done = snakemake(workdir)

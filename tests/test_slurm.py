@@ -51,7 +51,7 @@ def write_config(workdir: Path) -> Path:
     No MLflow and no Hessian measurements: this checks where jobs run (test_pipeline.py checks what
     they compute), and each job wave waits for the plugin's next status check, so short jobs count."""
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
-    config["datasets"] = {"rf1024": {**config["datasets"]["rf1024"], "attacks": ["burst"]}}
+    config["datasets"] = {"rf1024": {**config["datasets"]["rf1024"], "attacks": ["burst"], "detectors": []}}
     config["attacks"] = {"burst": config["attacks"]["burst"]}
     config["models"] = {"rf_cnn": config["models"]["rf_cnn"]}
     config["defenses"] = {"none": {}, "ft": {"steps": 20}}
