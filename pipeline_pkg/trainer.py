@@ -65,12 +65,16 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str,
-                 inputs: Sequence[torch.Tensor] | None = None) -> None:
-    """One optimizer step on `loss` (its gradient only for `inputs` when given), refusing a NaN or
-    infinite loss with a message naming `where`."""
+                 inputs: Sequence[torch.Tensor] | None = None, max_grad_norm: float | None = None) -> None:
+    """One optimizer step on `loss` (its gradient only for `inputs` when given, its norm over the
+    optimizer's parameters clipped to `max_grad_norm` when set), refusing a NaN or infinite loss with
+    a message naming `where`."""
     check_finite(loss, where)
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=None if inputs is None else list(inputs))
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm))
     optimizer.step()
 
 

@@ -185,3 +185,13 @@ def test_a_lone_trailing_sample_is_skipped_in_training_but_not_elsewhere():
     assert [len(b) for b, _ in minibatches(x, y, 4, training=True)] == [4, 4]
     assert [len(b) for b, _ in minibatches(x, y, 4)] == [4, 4, 1]
     assert [len(b) for b, _ in minibatches(x[:1], y[:1], 4, training=True)] == [1]
+
+
+def test_guarded_step_clips_the_gradient_norm_when_asked():
+    from pipeline_pkg.trainer import guarded_step
+
+    for max_norm, expected in [(5.0, [-3.0, -4.0, 0.0]), (None, [-30.0, -40.0, 0.0])]:
+        weight = torch.nn.Parameter(torch.zeros(3))
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        guarded_step(optimizer, (weight * torch.tensor([30.0, 40.0, 0.0])).sum(), "test", max_grad_norm=max_norm)
+        assert torch.allclose(weight.detach(), torch.tensor(expected))

@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from ..evaluator import accuracy
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
-from ..trainer import check_finite
+from ..trainer import check_finite, guarded_step
 from .base import Defense
 from .nft import masked_layers
 
@@ -239,10 +239,7 @@ class AdversarialNeuronPruning(Defense):
                 else:
                     ce_noisy = ce_clean
                     loss = ce_clean
-                check_finite(loss, f"{self.name} step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                guarded_step(optimizer, loss, f"{self.name} step {step}")
                 with torch.no_grad():
                     for m in masks:
                         m.clamp_(0.0, 1.0)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
-from ..trainer import check_finite
+from ..trainer import guarded_step
 from .base import Defense
 from .fisher import diagonal_fisher, fisher_trace_estimate, retention_penalty
 
@@ -56,13 +56,9 @@ class FisherInformationPurification(Defense):
                     loss = loss + float(self.eta_f) * trace
                 if fisher is not None:
                     loss = loss + float(self.eta_r) * retention_penalty(params, anchors, fisher)
-            check_finite(loss, f"{self.name} step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             # The trace term's gradient is a noisy second-order quantity; clipping keeps one unlucky
             # estimate from throwing the weights out of the basin.
-            torch.nn.utils.clip_grad_norm_(params, float(self.max_grad_norm))
-            optimizer.step()
+            guarded_step(optimizer, loss, f"{self.name} step {step}", max_grad_norm=float(self.max_grad_norm))
             if step % int(self.log_every) == 0:
                 log({"loss": loss.item(), "ce": ce.item()}, step)
         for p in model.parameters():

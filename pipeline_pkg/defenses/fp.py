@@ -16,7 +16,7 @@ from torch.nn.utils import prune
 from ..evaluator import accuracy
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
-from ..trainer import check_finite
+from ..trainer import guarded_step
 from .base import Defense
 
 
@@ -73,10 +73,7 @@ class FinePruning(Defense):
             xb, yb = next(batches)
             with autocast(x.device):
                 loss = F.cross_entropy(model(xb), yb)
-            check_finite(loss, f"fp step {step_index}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            guarded_step(optimizer, loss, f"fp step {step_index}")
             if step_index % int(self.log_every) == 0:
                 log({"loss": loss.item()}, step_index)
         prune.remove(classifier, "weight")  # bake the zeros in: a plain state dict again

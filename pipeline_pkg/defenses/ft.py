@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..models import count_parameters
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
-from ..trainer import check_finite
+from ..trainer import guarded_step
 from .base import Defense
 
 
@@ -39,12 +39,7 @@ class FineTuning(Defense):
             xb, yb = next(batches)
             with autocast(x.device):
                 loss = F.cross_entropy(model(xb), yb)
-            check_finite(loss, f"ft step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, float(self.max_grad_norm))
-            optimizer.step()
+            guarded_step(optimizer, loss, f"ft step {step}", max_grad_norm=self.max_grad_norm)
             scheduler.step()
             if step % int(self.log_every) == 0:
                 log({"loss": loss.item()}, step)

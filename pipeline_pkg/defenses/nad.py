@@ -50,7 +50,7 @@ from ..configurable import ConfigError
 from ..models import count_parameters
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
-from ..trainer import check_finite
+from ..trainer import guarded_step
 from .base import Defense
 
 
@@ -228,10 +228,7 @@ class NeuralAttentionDistillation(Defense):
                     ce = F.cross_entropy(model(xb), yb)
                 at = sum(attention_loss(f_s, f_t, p) for f_s, f_t in zip(student_rec.take(), teacher_rec.take()))
                 loss = ce + beta * at
-                check_finite(loss, f"{self.name} step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                guarded_step(optimizer, loss, f"{self.name} step {step}")
                 scheduler.step()
                 if step % int(self.log_every) == 0:
                     log({"loss": loss.item(), "ce": ce.item(), "at": float(at.detach())}, step)

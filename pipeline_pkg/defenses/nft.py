@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
-from ..trainer import check_finite
+from ..trainer import guarded_step
 from .base import Defense
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
@@ -127,10 +127,7 @@ class NeuralMaskFineTuning(Defense):
                     ce = mixup_loss(model(x_mix), y_a, y_b, lam)
                 reg = sum((1 - m).abs().sum() for m in masks)
                 loss = ce + reg_weight * reg
-                check_finite(loss, f"{self.name} step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                guarded_step(optimizer, loss, f"{self.name} step {step}")
                 scheduler.step()
                 with torch.no_grad():
                     for mask, low in zip(masks, lower):

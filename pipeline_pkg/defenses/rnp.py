@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 from ..evaluator import accuracy
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
-from ..trainer import check_finite
+from ..trainer import guarded_step
 from .base import Defense, freeze_all_but
 from .nft import ChannelMask, masked_layers
 
@@ -129,10 +129,7 @@ class ReconstructiveNeuronPruning(Defense):
                 xb, yb = next(batches)
                 with autocast(x.device):
                     ce = F.cross_entropy(copy_(xb), yb)
-                check_finite(ce, f"{self.name} unlearn step {steps}")
-                optimizer.zero_grad(set_to_none=True)
-                (-ce).backward()  # gradient ASCENT on the clean loss
-                optimizer.step()
+                guarded_step(optimizer, -ce, f"{self.name} unlearn step {steps}")  # ASCENT on the clean loss
                 steps += 1
                 acc = budget_accuracy(copy_, x, y)
                 if (steps - 1) % int(self.log_every) == 0:
@@ -165,10 +162,7 @@ class ReconstructiveNeuronPruning(Defense):
                 xb, yb = next(batches)
                 with autocast(x.device):
                     loss = F.cross_entropy(unlearned(xb), yb)
-                check_finite(loss, f"{self.name} recover step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                guarded_step(optimizer, loss, f"{self.name} recover step {step}")
                 with torch.no_grad():
                     for m in masks:
                         m.clamp_(0.0, 1.0)
