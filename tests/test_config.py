@@ -21,7 +21,7 @@ def test_default_and_tiny_configs_validate_and_fill_defaults(repo, default):
     assert default["results_dir"] == "results"
     assert default["tracking"]["uri"] is None
     assert default["clean_budget"]["one_shot"] is False
-    assert set(default["defenses"]) == {"none", "ft", "fip"}
+    assert set(default["defenses"]) == {"none", "ft", "fip", "sor"}
     assert default["datasets"]["rf1024"]["attacks"] == ["none", "burst", "phase"]
     load(repo / "config" / "tiny.yaml")
 
@@ -83,7 +83,8 @@ def test_per_dataset_overrides_and_their_errors(repo):
                                         clean_budget={"fraction": 0.2})
     checked = validate(config)
     assert defenses_for(checked, "rf1024") == ["none", "fip"]
-    assert defenses_for(checked, "digits") == list(checked["defenses"])
+    assert defenses_for(checked, "digits") == ["none", "ft", "fip"]  # not sor: point clouds only
+    assert defenses_for(checked, "shapes") == ["none", "ft", "fip", "sor"]
     assert train_settings(checked, "rf1024").epochs == 3 and train_settings(checked, "digits").epochs == 15
     assert clean_budget_settings(checked, "rf1024")["fraction"] == 0.2
     config["datasets"]["rf1024"]["defenses"] = ["none", "anp"]
@@ -95,7 +96,7 @@ def test_per_dataset_overrides_and_their_errors(repo):
         validate(config)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "cifar10.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "cifar10.yaml", "modelnet40.yaml"])
 def test_shipped_configs_validate(repo, name):
     config = load(repo / "config" / name)
     assert config["datasets"] and config["defenses"]
@@ -122,3 +123,17 @@ def test_a_point_cloud_filter_runs_only_on_point_clouds(repo):
     raw["datasets"]["rf1024"]["defenses"] = ["none", "sor"]
     with pytest.raises(ConfigError, match=r"datasets.rf1024.defenses: \['sor'\] only work on \[\['pointcloud'\]\]"):
         validate(raw)
+
+
+def test_modelnet40_config_is_the_full_point_cloud_grid(repo):
+    from pipeline_pkg.config import defenses_for, detectors_for
+    from pipeline_pkg.registry import ATTACKS, DEFENSES, DETECTORS, MODELS
+
+    config = load(repo / "config" / "modelnet40.yaml")
+    cloud_attacks = {n for n in ATTACKS.names() if "pointcloud" in ATTACKS.get(n).modalities}
+    assert set(config["datasets"]["modelnet40"]["attacks"]) == cloud_attacks
+    assert set(config["datasets"]["modelnet40"]["archs"]) == {
+        n for n in MODELS.names() if "pointcloud" in MODELS.get(n).modalities}
+    assert set(defenses_for(config, "modelnet40")) == set(DEFENSES.names())
+    assert set(detectors_for(config, "modelnet40")) == set(DETECTORS.names())
+    assert config["attacks"]["pcba"] == {"target": 35, "source": 8, "count": 15}  # chair → toilet
