@@ -92,11 +92,16 @@ def test_killed_training_resumes_to_the_uninterrupted_result(workdir, reference,
     _, log = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, log[-3000:]
     assert f"resumed from {checkpoint} after epoch {done_epochs}" in log
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "train.json"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "snapshots.pt", "train.json"]  # no temp files
     resumed = torch.load(out, weights_only=True)["model"]
     uninterrupted = torch.load(reference, weights_only=True)["model"]
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)  # bit for bit on CPU
+    # The detectors' snapshots survive the kill too: the same epochs, the same weights.
+    snapshots = torch.load(out.with_name("snapshots.pt"), weights_only=True)
+    expected = torch.load(reference.with_name("snapshots.pt"), weights_only=True)
+    assert snapshots["epochs"] == expected["epochs"] and len(snapshots["epochs"]) == 2
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(snapshots["states"], expected["states"]) for k in a)
     final = json.loads((tmp_path / "train.json").read_text())["final"]
     expected = json.loads(reference.with_name("train.json").read_text())["final"]
     assert {k: final[k] for k in ("acc", "asr", "ra")} == {k: expected[k] for k in ("acc", "asr", "ra")}

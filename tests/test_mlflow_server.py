@@ -240,7 +240,7 @@ def test_every_job_is_one_run_with_its_tags_params_and_metrics(server, pipeline)
     # Artifacts go through the server (--serve-artifacts) into its store.
     aggregate = next(r for r in runs if r.data.tags["stage"] == "aggregate")
     assert {a.path for a in client.list_artifacts(aggregate.info.run_id)} == {
-        "rf1024.csv", "rf1024.md", "rf1024.png"}
+        "rf1024.csv", "rf1024.md", "rf1024.png", "rf1024.detection.csv", "rf1024.detection.md"}
     assert len(list((server.store / "mlartifacts").rglob("rf1024.png"))) == 1
 
 

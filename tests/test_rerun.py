@@ -64,7 +64,8 @@ def test_forcerun_of_one_output_plans_that_job_and_its_downstream_only(workdir):
     pending = {path for path, what in plan.items() if what == "update pending"}
     assert pending == {f"{RUN}/ft/model.pt", f"{RUN}/ft/purify.json", f"{RUN}/ft/metrics.json",
                        "results/summary/rf1024.csv", "results/summary/rf1024.md",
-                       "results/summary/rf1024.png"}
+                       "results/summary/rf1024.png", "results/summary/rf1024.detection.csv",
+                       "results/summary/rf1024.detection.md"}
     assert plan[f"{RUN}/model.pt"] == "no update"
 
 
