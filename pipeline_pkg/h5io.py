@@ -47,10 +47,12 @@ def producing_rule(path: str | os.PathLike) -> str | None:
         return "generate_rf1024" if name == "rf1024.h5" else "prepare_dataset"
     if name.startswith("poison-seed") and name.endswith(".h5"):
         return "poison"
-    if name in ("model.pt", "checkpoint.pt", "train.json") and parent.startswith("seed"):
+    if name in ("model.pt", "checkpoint.pt", "train.json", "snapshots.pt") and parent.startswith("seed"):
         return "train"
+    if name in ("detection.json", "flagged.h5"):
+        return "detect"
     if name in ("model.pt", "purify.json"):
-        return "purify"
+        return "retrain" if parent.startswith("detect-") else "purify"
     if name == "metrics.json":
         return "evaluate"
     return None

@@ -203,3 +203,14 @@ def test_read_json_bad(tmp_path):
     _assert_rebuild_message(info.value, path)
     with pytest.raises(FileNotFoundError):
         read_json(tmp_path / "missing.json")
+
+
+def test_error_hints_name_the_rule_that_makes_each_output():
+    from pipeline_pkg.h5io import producing_rule
+
+    run = "results/digits/badnets/resnet9/seed0"
+    assert producing_rule(f"{run}/snapshots.pt") == "train"
+    assert producing_rule(f"{run}/ft/model.pt") == "purify"
+    assert producing_rule(f"{run}/detect-spectral/flagged.h5") == "detect"
+    assert producing_rule(f"{run}/detect-spectral/model.pt") == "retrain"
+    assert producing_rule(f"{run}/detect-spectral/metrics.json") == "evaluate"
