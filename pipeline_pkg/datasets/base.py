@@ -24,6 +24,12 @@ class DatasetArrays:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def missing_archive_message(dataset: str, path: Path, remote) -> str:
+    return (f"dataset '{dataset}': missing {remote.name} at {path}; run the download job, or fetch "
+            f"{remote.url} on a machine with internet access and copy it there (the `data_root` "
+            f"config key is the folder that holds {dataset}/{remote.name})")
+
+
 class Dataset(Configurable):
     kind = "dataset"
     modality: ClassVar[str] = "?"  # "rf", "image" or "pointcloud": attacks declare which they fit
@@ -32,6 +38,18 @@ class Dataset(Configurable):
 
     def build(self, raw_dir: Path, seed: int) -> DatasetArrays:
         raise NotImplementedError
+
+    def verified_archive(self, raw_dir: Path) -> Path:
+        """The dataset's one downloaded archive in `raw_dir`, checked against its checksum; a clear error
+        naming where to put it when it is missing."""
+        from ..download import require_verified
+
+        remote = self.files[0]
+        archive = Path(raw_dir) / remote.name
+        if not archive.is_file():
+            raise FileNotFoundError(missing_archive_message(self.name, archive, remote))
+        require_verified(archive, remote)
+        return archive
 
 
 def check_augment(dataset: Dataset) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..download import RemoteFile, require_verified
+from ..download import RemoteFile
 from ..h5io import CorruptFileError
 from ..registry import DATASETS
 from .base import Dataset, DatasetArrays, check_augment
@@ -35,12 +35,6 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 IMAGE_SHAPE = (3, 32, 32)
-
-
-def missing_archive_message(dataset: str, path: Path, remote: RemoteFile) -> str:
-    return (f"dataset '{dataset}': missing {remote.name} at {path}; run the download job, or fetch "
-            f"{remote.url} on a machine with internet access and copy it there (the `data_root` "
-            f"config key is the folder that holds {dataset}/{remote.name})")
 
 
 @DATASETS.register("cifar10")
@@ -62,11 +56,7 @@ class CIFAR10(Dataset):
         return [RemoteFile(ARCHIVE_NAME, self.params["url"], md5=ARCHIVE_MD5)]
 
     def build(self, raw_dir: Path, seed: int) -> DatasetArrays:
-        remote = self.files[0]
-        archive = Path(raw_dir) / remote.name
-        if not archive.is_file():
-            raise FileNotFoundError(missing_archive_message(self.name, archive, remote))
-        require_verified(archive, remote)
+        archive = self.verified_archive(raw_dir)
         members = _read_members(archive, [*TRAIN_BATCHES, TEST_BATCH, META])
 
         class_names = _class_names(members[META], archive)

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..download import RemoteFile, require_verified
+from ..download import RemoteFile
 from ..h5io import CorruptFileError
 from ..pointcloud import normalize_unit_sphere
 from ..registry import DATASETS
 from .base import Dataset, DatasetArrays, check_augment
-from .cifar10 import missing_archive_message
 from .mesh_io import SAMPLING_METHODS, derived_seed, read_off, sample_surface
 
 ARCHIVE_NAME = "ModelNet10.zip"
@@ -72,11 +71,7 @@ class ModelNet10(Dataset):
         return [RemoteFile(ARCHIVE_NAME, self.params["url"], sha256=ARCHIVE_SHA256)]
 
     def build(self, raw_dir: Path, seed: int) -> DatasetArrays:
-        remote = self.files[0]
-        archive = Path(raw_dir) / remote.name
-        if not archive.is_file():
-            raise FileNotFoundError(missing_archive_message(self.name, archive, remote))
-        require_verified(archive, remote)
+        archive = self.verified_archive(raw_dir)
         try:
             zf = zipfile.ZipFile(archive)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
