@@ -19,6 +19,7 @@ import torch
 from pipeline_pkg import paths, stages
 from pipeline_pkg.config import load
 from pipeline_pkg.h5io import read_json
+from report import publish  # benchmarks/report.py: scripts run from this folder
 
 
 @click.command()
@@ -47,10 +48,7 @@ def main(config_path: str, arch: str, seed: int, out: str | None) -> None:
         f"| {result['train_seconds']:.1f} | {100 * result['acc']:.2f} | {100 * result['asr']:.2f} | "
         f"{'met' if goal else 'missed'} |", "",
         f"Command: `python benchmarks/cifar10_badnets.py --config {config_path} --arch {arch} --seed {seed}`", ""])
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+    publish(text, out)
 
 
 if __name__ == "__main__":

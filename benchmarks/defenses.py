@@ -13,7 +13,6 @@ import copy
 import json
 import platform
 import statistics
-from pathlib import Path
 
 import click
 import torch
@@ -24,6 +23,7 @@ from pipeline_pkg.evaluator import attack_metrics
 from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.runtime import pick_device, seed_everything
 from pipeline_pkg.sharpness import sharpness
+from report import publish  # benchmarks/report.py: scripts run from this folder
 
 
 @click.command()
@@ -72,10 +72,7 @@ def main(config_path, dataset, attack, arch, seed, defenses, params, repeats, th
     for name, secs, tunable, m in rows:
         lines.append(f"| {name} | {secs:.2f} | {tunable} | {100 * m['acc']:.1f} | {100 * m['asr']:.1f} | {m['lambda_max']:.0f} |")
     table = "\n".join(lines) + "\n"
-    click.echo(table)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(table)
+    publish(table, out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from pipeline_pkg import paths, stages
 from pipeline_pkg.config import ConfigError, load, validate
 from pipeline_pkg.h5io import read_json
+from report import publish  # benchmarks/report.py: scripts run from this folder
 
 DATASET = "modelnet40"
 GOAL = {"acc": 0.88, "asr": 0.95, "train_seconds": 60.0}
@@ -110,10 +111,7 @@ def main(config_path: str, arch: str, attack: str, seed: int, epochs: int | None
         "| train s | ACC | ASR | goal (≥ 88% ACC, ≥ 95% ASR, ≤ 60 s) |", "| --- | --- | --- | --- |",
         f"| {result['train_seconds']:.1f} | {100 * result['acc']:.2f} | {100 * result['asr']:.2f} | {verdict} |", "",
         f"Command: `{command}`", ""])
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+    publish(text, out)
 
 
 if __name__ == "__main__":

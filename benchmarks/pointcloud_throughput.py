@@ -17,7 +17,6 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import click
 import numpy as np
@@ -29,6 +28,7 @@ from pipeline_pkg.pointcloud import normalize_unit_sphere
 from pipeline_pkg.registry import MODELS
 from pipeline_pkg.runtime import pick_device
 from pipeline_pkg.trainer import TrainSettings, fit
+from report import publish  # benchmarks/report.py: scripts run from this folder
 
 AUGMENT = ["scale", "shift", "jitter"]
 
@@ -118,10 +118,7 @@ def main(archs, width, data, points, classes, samples, batch_sizes, repeats, thr
                if v is not None]) + "`",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+    publish(text, out)
 
 
 if __name__ == "__main__":

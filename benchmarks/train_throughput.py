@@ -17,7 +17,6 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import click
 import numpy as np
@@ -28,6 +27,7 @@ from pipeline_pkg.h5io import read_h5
 from pipeline_pkg.registry import MODELS
 from pipeline_pkg.runtime import autocast, pick_device
 from pipeline_pkg.trainer import TrainSettings, fit, make_optimizer
+from report import publish  # benchmarks/report.py: scripts run from this folder
 
 
 class PerSampleImages(torch.utils.data.Dataset):
@@ -139,10 +139,7 @@ def main(arch, width, data, samples, batch_size, repeats, workers, threads, out)
                                                          ("threads", threads)] if v is not None) + "`",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+    publish(text, out)
 
 
 if __name__ == "__main__":
