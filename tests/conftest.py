@@ -29,6 +29,15 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 serving the files a download test puts on it (tests/http_server.py)."""
+    from http_server import running_server
+
+    with running_server() as httpd:
+        yield httpd
+
+
 def pytest_configure(config):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 

@@ -12,23 +12,16 @@ import re
 import struct
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from http_server import TestServer, closed_port_url, running_server
+from http_server import TestServer, closed_port_url
 
 from pipeline_pkg.configurable import ConfigError
 from pipeline_pkg.download import ChecksumError, DownloadError, RemoteFile, download, file_digest, verify
 from pipeline_pkg.h5io import CorruptFileError
 from pipeline_pkg.registry import DATASETS
-
-
-@pytest.fixture
-def server() -> Iterator[TestServer]:
-    with running_server() as httpd:
-        yield httpd
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:

@@ -10,12 +10,11 @@ import os
 import pickle
 import tarfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from http_server import TestServer, closed_port_url, running_server
+from http_server import TestServer, closed_port_url
 from PIL import Image
 
 from pipeline_pkg.datasets import cifar10, gtsrb
@@ -24,12 +23,6 @@ from pipeline_pkg.h5io import CorruptFileError
 from pipeline_pkg.registry import DATASETS
 
 FAST = {"retries": 3, "backoff": 0.01, "timeout": 5.0, "progress": False}
-
-
-@pytest.fixture
-def server() -> Iterator[TestServer]:
-    with running_server() as httpd:
-        yield httpd
 
 
 def md5_of(data: bytes) -> str:

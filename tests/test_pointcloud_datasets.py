@@ -8,13 +8,12 @@ import hashlib
 import io
 import os
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from http_server import TestServer, closed_port_url, running_server
+from http_server import TestServer, closed_port_url
 
 from pipeline_pkg.configurable import ConfigError
 from pipeline_pkg.datasets import mesh_io, modelnet10, modelnet40, shapes
@@ -23,12 +22,6 @@ from pipeline_pkg.h5io import CorruptFileError
 from pipeline_pkg.registry import DATASETS
 
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0, "progress": False}
-
-
-@pytest.fixture
-def server() -> Iterator[TestServer]:
-    with running_server() as httpd:
-        yield httpd
 
 
 def sha256_of(data: bytes) -> str:
