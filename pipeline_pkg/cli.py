@@ -247,10 +247,16 @@ def sync_tracking_cmd(config_path, dry_run) -> None:
     Every train, purify, evaluate and aggregate run whose files exist is checked against MLflow by
     its tags (stage, dataset, attack, arch, seed, defense); a missing one is logged, a run its job
     left RUNNING is completed. Running it twice sends nothing new. Use it when no pipeline runs.
+    Runs that batched-mode jobs queued (tracking.mode: batched) are logged first, as they were.
     """
-    from .tracking import read_invocation, sync_runs, tracking_settings
+    from .tracking import flush_queue, queued_records, read_invocation, sync_runs, tracking_settings
 
     config = _config(config_path)
+    queued = len(queued_records(config["results_dir"]))
+    if queued:
+        logged = 0 if dry_run else flush_queue(config)
+        click.echo(f"{queued} queued runs would be logged" if dry_run
+                   else f"{logged} of {queued} queued runs logged")
     records, skipped = sync_records(config)
     settings = tracking_settings(config)
     try:

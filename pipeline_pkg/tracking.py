@@ -11,12 +11,19 @@ A fresh sqlite database cannot take parallel writers (concurrent schema migratio
 the pipeline calls :func:`ensure_experiment` once before parallel jobs start (Snakemake ``onstart``,
 through :func:`start_invocation`, which also opens the parent run that groups one invocation's jobs).
 
+In ``batched`` mode (config ``tracking.mode``) a job inside a Snakemake call does not touch MLflow:
+importing it and opening the sqlite store cost each job about 3 s. Its tracker writes the run to one
+JSON file under ``<results_dir>/tracking-queue/``, and :func:`flush_queue` logs the whole queue in one
+process when the call ends (Snakemake ``onsuccess``/``onerror``), at the next call's start (a killed
+call's leftovers) or from ``sync-tracking``.
+
 Also here: :func:`serve` runs an MLflow server for a cluster, and :func:`sync_runs` re-sends runs that
 MLflow missed (server down) from records the CLI builds out of the files on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,6 +60,13 @@ PARENT_INVOCATION_TAG = "pipeline_invocation"
 PARENT_STAGE = "pipeline"
 # Tags that identify one job's run, whatever invocation logged it (see sync_runs).
 KEY_TAGS = ("stage", "dataset", "attack", "arch", "seed", "defense")
+TRACKING_MODES = ("live", "batched")
+QUEUE_DIR = "tracking-queue"
+# Queue files that cannot be logged (unreadable, or refused by MLflow) are moved here, out of the way
+# of later flushes but kept for a look.
+REJECTED_DIR = "rejected"
+# MLflow error codes that blame the request itself: sending the same record again cannot succeed.
+_REJECTION_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
 
 _SQLITE_PREFIX = "sqlite:///"
 _T = TypeVar("_T")
@@ -80,14 +94,16 @@ def _mlflow_available() -> bool:
     return True
 
 
-def _with_retries(what: str, call: Callable[[], _T], retries: int, backoff: float) -> _T:
+def _with_retries(what: str, call: Callable[[], _T], retries: int, backoff: float,
+                  give_up: Callable[[Exception], bool] | None = None) -> _T:
     """Run ``call``; on any exception retry up to ``retries`` more times, sleeping ``backoff``,
-    then twice as long, and so on. Re-raises the last exception."""
+    then twice as long, and so on. Re-raises the last exception, or at once one that ``give_up``
+    says no retry can fix."""
     for attempt in range(retries + 1):
         try:
             return call()
         except Exception as error:  # sqlite locks, HTTP hiccups: anything may be transient
-            if attempt == retries:
+            if attempt == retries or (give_up is not None and give_up(error)):
                 raise
             delay = backoff * 2**attempt
             logger.debug("MLflow %s failed (%s); retrying in %.2fs", what, error, delay)
@@ -179,12 +195,20 @@ def _chunks(items: list[_T], size: int) -> list[list[_T]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class Tracker:
     """One MLflow run as a context manager; never raises because of MLflow.
 
     The run ends FINISHED, or FAILED when an exception leaves the ``with`` block (that exception
     always propagates). Uses its own MlflowClient rather than the fluent API, so no active-run
     state leaks between runs or processes.
+
+    With ``queue_dir`` the run is not sent: everything it would log is kept in memory and written,
+    on leaving the block, to one new JSON file in ``queue_dir`` for :func:`flush_queue`; mlflow is
+    never imported and :attr:`run_id` stays None (:attr:`queue_file` names the record).
     """
 
     def __init__(
@@ -198,6 +222,7 @@ class Tracker:
         enabled: bool = True,
         retries: int = 5,
         backoff: float = 0.5,
+        queue_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.uri = uri
         self.experiment = experiment
@@ -207,14 +232,35 @@ class Tracker:
         self.retries = retries
         self.backoff = backoff
         self._enabled = enabled
+        self.queue_dir = Path(queue_dir) if queue_dir is not None else None
+        self.queue_file: Path | None = None
         self._client: Any = None
         self._run_id: str | None = None
+        # The queued run being built (batched mode), None when logging live.
+        self._record: dict[str, Any] | None = None
 
     @property
     def run_id(self) -> str | None:
         return self._run_id if self._enabled else None
 
+    def _run_tags(self) -> dict[str, str]:
+        tags = dict(self.tags)
+        invocation = os.environ.get(INVOCATION_ENV)
+        if invocation:
+            tags["invocation"] = invocation
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent:
+            tags[PARENT_RUN_TAG] = parent
+        return tags
+
     def __enter__(self) -> Tracker:
+        if self._enabled and self.queue_dir is not None:
+            self._record = {
+                "run_name": self.run_name, "tags": self._run_tags(),
+                "params": flatten_params(self.params), "metrics": [], "artifacts": [],
+                "start_time": _now_ms(),
+            }
+            return self
         if self._enabled and not _mlflow_available():
             self._enabled = False
         if not self._enabled:
@@ -224,13 +270,7 @@ class Tracker:
             "experiment",
             lambda: _get_or_create_experiment(self._client, self.uri, self.experiment),
         )
-        tags = dict(self.tags)
-        invocation = os.environ.get(INVOCATION_ENV)
-        if invocation:
-            tags["invocation"] = invocation
-        parent = os.environ.get(PARENT_RUN_ENV)
-        if parent:
-            tags[PARENT_RUN_TAG] = parent
+        tags = self._run_tags()
         run = self._call(
             "create_run",
             lambda: self._client.create_run(experiment_id, tags=tags, run_name=self.run_name),
@@ -247,8 +287,29 @@ class Tracker:
         traceback: TracebackType | None,
     ) -> None:
         status = "FINISHED" if exc_type is None else "FAILED"
+        if self._record is not None:
+            self._write_queue_record(status)
+            return
         self._call("set_terminated", lambda: self._client.set_terminated(self._run_id, status))
         # Returning None lets any exception from the block propagate.
+
+    def _write_queue_record(self, status: str) -> None:
+        from .h5io import write_json  # atomic: a flush never sees a half-written record
+
+        record = {**self._record, "end_time": _now_ms(), "status": status}
+        self._record = None
+        # Unique per run; the start time first, so that a flush logs runs in the order they began.
+        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.run_name)[:80]
+        name = f"{record['start_time']}-{slug}-{os.getpid()}-{os.urandom(3).hex()}.json"
+        try:
+            self.queue_file = write_json(self.queue_dir / name, record)
+        except Exception as error:  # a full disk must not fail a job whose results are written
+            self._enabled = False
+            _warn(
+                f"Could not queue the MLflow run {self.run_name!r} in {self.queue_dir} ({error!r}); "
+                "it is not tracked, the files on disk remain the source of truth "
+                "(`python -m pipeline_pkg sync-tracking` re-sends them)."
+            )
 
     def _call(self, what: str, call: Callable[[], _T]) -> _T | None:
         """Run one MLflow call with retries; on final failure warn and disable this tracker."""
@@ -275,9 +336,14 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self._enabled:
             return
+        timestamp = _now_ms()
+        if self._record is not None:
+            self._record["metrics"].extend(
+                [key, float(value), timestamp, step or 0] for key, value in metrics.items()
+            )
+            return
         from mlflow.entities import Metric
 
-        timestamp = int(time.time() * 1000)
         entries = [
             Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()
         ]
@@ -285,6 +351,12 @@ class Tracker:
             self._call("log_metrics", lambda: self._client.log_batch(self._run_id, metrics=chunk))
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        if self._enabled and self._record is not None:
+            # Only the path: the flush uploads the file as it is then (outputs are final by then).
+            self._record["artifacts"].append(
+                {"path": os.fspath(Path(path).resolve()), "artifact_path": artifact_path}
+            )
+            return
         self._call(
             "log_artifact",
             lambda: self._client.log_artifact(self._run_id, os.fspath(path), artifact_path),
@@ -292,6 +364,9 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self._enabled:
+            return
+        if self._record is not None:
+            self._record["tags"].update({key: str(value) for key, value in tags.items()})
             return
         from mlflow.entities import RunTag
 
@@ -310,9 +385,15 @@ def tracker_from_config(
 ) -> Tracker:
     """Build a Tracker from the pipeline config's ``tracking`` and ``results_dir`` entries.
 
-    The stage is added as tag ``stage`` so runs can be filtered per pipeline step.
+    The stage is added as tag ``stage`` so runs can be filtered per pipeline step. In ``batched``
+    mode a job of a Snakemake call queues its run; run by hand (no invocation, so no hook would
+    flush the queue) it logs live.
     """
     settings = tracking_settings(config)
+    queue = None
+    if settings["mode"] == "batched" and os.environ.get(INVOCATION_ENV):
+        # Absolute, like the sqlite URI: the flush may run from another working directory.
+        queue = queue_dir(config.get("results_dir", "results")).resolve()
     return Tracker(
         settings["uri"],
         settings["experiment"],
@@ -322,13 +403,18 @@ def tracker_from_config(
         enabled=settings["enabled"],
         retries=settings["retries"],
         backoff=settings["backoff"],
+        queue_dir=queue,
     )
 
 
 def tracking_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config's ``tracking`` section with defaults, and the resolved URI."""
     tracking = config.get("tracking") or {}
+    mode = tracking.get("mode", "live")
+    if mode not in TRACKING_MODES:
+        raise ValueError(f"tracking.mode is {mode!r}; use one of {', '.join(TRACKING_MODES)}")
     return {
+        "mode": mode,
         "uri": resolve_tracking_uri(tracking.get("uri"), config.get("results_dir", "results")),
         "experiment": tracking.get("experiment", DEFAULT_EXPERIMENT),
         "enabled": bool(tracking.get("enabled", True)),
@@ -378,6 +464,7 @@ def start_invocation(config: Mapping[str, Any]) -> str | None:
 
     Exports the parent run id to the jobs (``PIPELINE_PARENT_RUN_ID``; local and sbatch jobs inherit
     the environment) and records invocation and parent under results_dir for ``sync-tracking``.
+    Also logs the runs that a killed earlier call left queued (batched mode, :func:`flush_queue`).
     Returns the parent run id, or None when tracking is off or fails (with a TrackingWarning).
     """
     invocation = os.environ.setdefault(INVOCATION_ENV, os.urandom(6).hex())
@@ -390,6 +477,8 @@ def start_invocation(config: Mapping[str, Any]) -> str | None:
             retries=settings["retries"], backoff=settings["backoff"],
         )
         if experiment_id is not None:
+            # Runs a killed call queued but never logged: its onsuccess/onerror hook did not run.
+            flush_queue(config)
             parent = _quiet_call(
                 "create_run (parent)",
                 lambda: _client(settings["uri"]).create_run(
@@ -407,8 +496,9 @@ def start_invocation(config: Mapping[str, Any]) -> str | None:
 
 
 def end_invocation(config: Mapping[str, Any], success: bool) -> None:
-    """Snakemake ``onsuccess`` / ``onerror``: end the parent run FINISHED or FAILED, and record the
-    outcome on disk so that ``sync-tracking`` can end it later if the server is down now."""
+    """Snakemake ``onsuccess`` / ``onerror``: log the jobs' queued runs (batched mode), end the parent
+    run FINISHED or FAILED, and record the outcome on disk so that ``sync-tracking`` can end it later
+    if the server is down now."""
     status = "FINISHED" if success else "FAILED"
     results = config.get("results_dir", "results")
     record = read_invocation(results) or {}
@@ -417,12 +507,191 @@ def end_invocation(config: Mapping[str, Any], success: bool) -> None:
                                     "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
     parent = os.environ.get(PARENT_RUN_ENV)
     settings = tracking_settings(config)
-    if parent and settings["enabled"] and _mlflow_available():
+    if not settings["enabled"]:
+        return
+    flush_queue(config)  # first, so that the jobs' runs end before their parent
+    if parent and _mlflow_available():
         _quiet_call(
             "set_terminated (parent)",
             lambda: _client(settings["uri"]).set_terminated(parent, status),
             settings["retries"], settings["backoff"],
         )
+
+
+# ------------------------------------------------- batched mode: the queue of runs not yet logged
+
+
+def queue_dir(results_dir: str | os.PathLike[str]) -> Path:
+    """Where batched-mode jobs leave their runs for :func:`flush_queue`."""
+    return Path(results_dir) / QUEUE_DIR
+
+
+def queued_records(results_dir: str | os.PathLike[str]) -> list[Path]:
+    """The queued runs, oldest first (the names start with the run's start time)."""
+    queue = queue_dir(results_dir)
+    return sorted(queue.glob("*.json")) if queue.is_dir() else []
+
+
+def _read_queue_record(path: Path) -> dict[str, Any]:
+    """A queue file's record; ValueError if it is not one (garbage, or not what a Tracker writes)."""
+    record = json.loads(path.read_text())
+    shape = {"run_name": str, "tags": dict, "params": dict, "metrics": list, "artifacts": list,
+             "start_time": int, "end_time": int, "status": str}
+    if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in shape.items()):
+        raise ValueError(f"not a queued run: needs the keys {', '.join(shape)} with the right types")
+    if record["status"] not in ("FINISHED", "FAILED"):
+        raise ValueError(f"status {record['status']!r} is neither FINISHED nor FAILED")
+    if not all(isinstance(m, list) and len(m) == 4 for m in record["metrics"]):
+        raise ValueError("a metric is not [key, value, timestamp, step]")
+    if not all(isinstance(a, dict) and isinstance(a.get("path"), str) for a in record["artifacts"]):
+        raise ValueError("an artifact has no path")
+    return record
+
+
+def _error_code(error: Exception) -> str | None:
+    return getattr(error, "error_code", None)
+
+
+def _is_rejection(error: Exception) -> bool:
+    return _error_code(error) in _REJECTION_CODES
+
+
+def _reject(path: Path, why: str) -> None:
+    """Move a queue file that cannot be logged out of the queue, so that later flushes skip it."""
+    target = path.parent / REJECTED_DIR / path.name
+    try:
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+    except OSError as error:
+        target = path
+        why += f"; moving it to {path.parent / REJECTED_DIR} failed too ({error!r})"
+    _warn(f"Skipped the queued MLflow run {target}: {why}. It is not logged; the files on disk "
+          "remain the source of truth (`python -m pipeline_pkg sync-tracking` re-sends them).")
+
+
+def _log_queued_run(path: Path, record: dict[str, Any], client: Any, experiment_id: str,
+                    send: Callable[..., Any]) -> None:
+    """Log one queued run with its original times, then delete its file: a run is logged once."""
+    from .h5io import write_json
+
+    half_logged = record.get("partial_run_id")
+    if half_logged:
+        # An earlier flush died between create_run and deleting the file: drop its partial run
+        # rather than log the record a second time beside it.
+        send("delete_run", lambda: client.delete_run(half_logged),
+             give_up=lambda error: _error_code(error) == "RESOURCE_DOES_NOT_EXIST", ignore_gone=True)
+    run_id = send("create_run", lambda: client.create_run(
+        experiment_id, start_time=record["start_time"], tags=record["tags"],
+        run_name=record["run_name"])).info.run_id
+    write_json(path, {**record, "partial_run_id": run_id})
+    try:
+        _log_run_contents(run_id, record, client, send)
+    except Exception as error:
+        if _is_rejection(error):  # the record moves aside: leave no half-logged run behind
+            with contextlib.suppress(Exception):
+                client.delete_run(run_id)
+        raise
+    path.unlink()
+
+
+def _log_run_contents(run_id: str, record: dict[str, Any], client: Any,
+                      send: Callable[..., Any]) -> None:
+    from mlflow.entities import Metric, Param
+
+    params = [Param(key, str(value)[:MAX_PARAM_VALUE_LENGTH]) for key, value in record["params"].items()]
+    metrics = [Metric(key, float(value), int(timestamp), int(step))
+               for key, value, timestamp, step in record["metrics"]]
+    # Params and metrics share a log_batch (one sqlite commit, ~40 ms, for a typical run); one batch
+    # holds at most MAX_PARAMS_PER_BATCH params and MAX_METRICS_PER_BATCH entries in all.
+    while params or metrics:
+        param_chunk, params = params[:MAX_PARAMS_PER_BATCH], params[MAX_PARAMS_PER_BATCH:]
+        room = MAX_METRICS_PER_BATCH - len(param_chunk)
+        metric_chunk, metrics = metrics[:room], metrics[room:]
+        send("log_batch", lambda: client.log_batch(run_id, params=param_chunk, metrics=metric_chunk))
+    for artifact in record["artifacts"]:
+        if Path(artifact["path"]).is_file():
+            send("log_artifact", lambda: client.log_artifact(
+                run_id, artifact["path"], artifact.get("artifact_path")))
+        else:
+            _warn(f"Queued MLflow run {record['run_name']!r}: artifact {artifact['path']} no longer "
+                  "exists, so it is not logged.")
+    send("set_terminated", lambda: client.set_terminated(
+        run_id, record["status"], end_time=record["end_time"]))
+
+
+def flush_queue(config: Mapping[str, Any]) -> int:
+    """Log every run that batched-mode jobs queued under results_dir, in this one process (one mlflow
+    import, one client), with their original start and end times, tags, params, metric steps and
+    timestamps, artifacts and status. Returns how many runs were logged.
+
+    Never raises: when MLflow fails, the run at hand and the rest stay queued, with a TrackingWarning,
+    for the next flush (a half-logged run is replaced then, not duplicated). A queue file that is not
+    a record, or that MLflow refuses, is moved to ``tracking-queue/rejected/`` with a warning naming
+    it. Concurrent flushes of one queue take turns (a file lock), so none is logged twice.
+    """
+    results = config.get("results_dir", "results")
+    if not queued_records(results):
+        return 0  # the common case in live mode: no mlflow import, no client
+    try:
+        return _flush(config, queue_dir(results))
+    except Exception as error:  # Snakemake's hooks must never fail because of tracking
+        _warn(f"Flushing the MLflow run queue {queue_dir(results)} failed ({error!r}); the runs not "
+              "logged stay queued for the next snakemake call or `python -m pipeline_pkg sync-tracking`.")
+        return 0
+
+
+def _flush(config: Mapping[str, Any], queue: Path) -> int:
+    import fcntl
+
+    settings = tracking_settings(config)
+    uri, retries, backoff = settings["uri"], settings["retries"], settings["backoff"]
+
+    def send(what: str, call: Callable[[], _T], give_up: Callable[[Exception], bool] = _is_rejection,
+             ignore_gone: bool = False) -> _T | None:
+        try:
+            return _with_retries(what, call, retries, backoff, give_up)
+        except Exception as error:
+            if ignore_gone and _error_code(error) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    with open(queue / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        paths = sorted(queue.glob("*.json"))  # again: a flush that held the lock may have logged them
+        if not paths:
+            return 0
+        if not _mlflow_available():
+            _warn(f"{len(paths)} queued MLflow runs stay in {queue}: mlflow is not installed here; "
+                  "run `python -m pipeline_pkg sync-tracking` where it is.")
+            return 0
+        try:
+            client = send("client", lambda: _client(uri))
+            experiment_id = send("experiment",
+                                 lambda: _get_or_create_experiment(client, uri, settings["experiment"]))
+        except Exception as error:
+            _warn(f"MLflow at {uri} is unavailable ({error!r}); {len(paths)} queued runs stay in {queue} "
+                  "for the next snakemake call or `python -m pipeline_pkg sync-tracking`.")
+            return 0
+        logged = 0
+        for index, path in enumerate(paths):
+            try:
+                record = _read_queue_record(path)
+            except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+                _reject(path, f"unreadable ({error})")
+                continue
+            try:
+                _log_queued_run(path, record, client, experiment_id, send)
+            except Exception as error:
+                if _is_rejection(error):
+                    _reject(path, f"MLflow refused it ({error})")
+                    continue
+                # Most likely MLflow is down: trying each remaining run would only repeat the retries.
+                _warn(f"Logging the queued MLflow run {path} to {uri} failed after {retries + 1} "
+                      f"attempts ({error!r}); it and the {len(paths) - index - 1} runs after it stay "
+                      "queued for the next snakemake call or `python -m pipeline_pkg sync-tracking`.")
+                break
+            logged += 1
+        return logged
 
 
 # ------------------------------------------------------------------ an MLflow server for a cluster

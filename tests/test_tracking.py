@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,138 @@ def test_tracking_server_refuses_a_port_in_use(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="another server holds the port"):
             tracking.serve(tmp_path / "store", host="127.0.0.1", port=busy.getsockname()[1],
                            experiment="e")
+
+
+# --- batched mode: jobs queue their runs, one process logs the queue ---
+
+def batched_config(results: Path, uri: str, experiment: str) -> dict:
+    # No retries: a failure the test provokes should not wait out the backoff.
+    return {"results_dir": str(results),
+            "tracking": {"uri": uri, "experiment": experiment, "mode": "batched", "retries": 0}}
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_batched_mode_queues_only_inside_an_invocation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = batched_config(tmp_path, "sqlite:///unused.db", "e")
+    monkeypatch.delenv(tracking.INVOCATION_ENV, raising=False)
+    by_hand = tracker_from_config(config, stage="train", run_name="r", tags={}, params={})
+    assert by_hand.queue_dir is None  # no hook would flush it: a rerun by hand logs live
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "inv-q")
+    in_snakemake = tracker_from_config(config, stage="train", run_name="r", tags={}, params={})
+    assert in_snakemake.queue_dir == (tmp_path / "tracking-queue").resolve()
+    assert tracking.tracking_settings({})["mode"] == "live"
+
+
+def test_batched_job_is_logged_once_by_the_flush(tracking_uri: str, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "inv-b")
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    config = batched_config(tmp_path, tracking_uri, "batched")
+    # Tiny batch limits, so that the flush must split params and metrics over several log_batch calls.
+    monkeypatch.setattr(tracking, "MAX_PARAMS_PER_BATCH", 1)
+    monkeypatch.setattr(tracking, "MAX_METRICS_PER_BATCH", 2)
+    report = tmp_path / "report.txt"
+    report.write_text("final table\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)
+        parent = tracking.start_invocation(config)
+        with tracker_from_config(config, stage="train", run_name="train/d/a", tags={"seed": "0"},
+                                 params={"net": {"width": 8}, "lr": 0.1}) as tracker:
+            tracker.log_metrics({"loss": 2.0}, step=0)
+            tracker.log_metrics({"loss": 1.0}, step=1)
+            tracker.log_metrics({"acc": 0.5})
+            tracker.set_tags({"done": "yes"})
+            tracker.log_artifact(report)
+            assert tracker.run_id is None
+        record = json.loads(tracker.queue_file.read_text())
+        assert tracking.queued_records(tmp_path) == [tracker.queue_file]
+        assert [r.info.run_id for r in runs_of(tracking_uri, "batched")] == [parent]  # not logged yet
+        tracking.end_invocation(config, success=True)
+
+    runs = runs_of(tracking_uri, "batched")
+    job = next(r for r in runs if r.info.run_id != parent)
+    assert len(runs) == 2 and job.info.run_name == "train/d/a" and job.info.status == "FINISHED"
+    assert (job.info.start_time, job.info.end_time) == (record["start_time"], record["end_time"])
+    assert job.data.tags["stage"] == "train" and job.data.tags["seed"] == "0" and job.data.tags["done"] == "yes"
+    assert job.data.tags["invocation"] == "inv-b" and job.data.tags["mlflow.parentRunId"] == parent
+    assert job.data.params == {"net.width": "8", "lr": "0.1"}
+    assert job.data.metrics == {"loss": 1.0, "acc": 0.5}
+    client = MlflowClient(tracking_uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(job.info.run_id, "loss")] == [(0, 2.0), (1, 1.0)]
+    assert [a.path for a in client.list_artifacts(job.info.run_id)] == ["report.txt"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert tracking.queued_records(tmp_path) == []
+    assert tracking.flush_queue(config) == 0  # a second flush changes nothing
+    assert sorted(r.info.run_id for r in runs_of(tracking_uri, "batched")) == sorted(r.info.run_id for r in runs)
+
+
+def test_batched_failure_is_failed_and_a_flush_that_dies_midway_logs_each_run_once(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "inv-f")
+    config = batched_config(tmp_path, tracking_uri, "batched-failure")
+    with pytest.raises(RuntimeError, match="diverged"):
+        with tracker_from_config(config, stage="train", run_name="doomed", tags={}, params={}) as tracker:
+            tracker.log_metrics({"loss": 9.0})
+            raise RuntimeError("diverged")
+    with tracker_from_config(config, stage="evaluate", run_name="fine", tags={}, params={"x": 1}) as tracker:
+        tracker.log_metrics({"acc": 0.9})
+
+    # MLflow dies right after creating the first run: that record and the next stay queued.
+    real = tracking._log_run_contents
+    monkeypatch.setattr(tracking, "_log_run_contents", lambda *a: (_ for _ in ()).throw(OSError("down")))
+    with pytest.warns(TrackingWarning, match="it and the 1 runs after it stay queued"):
+        assert tracking.flush_queue(config) == 0
+    assert len(tracking.queued_records(tmp_path)) == 2
+    monkeypatch.setattr(tracking, "_log_run_contents", real)
+    assert tracking.flush_queue(config) == 2
+
+    runs = {r.info.run_name: r for r in runs_of(tracking_uri, "batched-failure")}  # active runs only
+    assert sorted(runs) == ["doomed", "fine"]  # the half-logged "doomed" run was replaced, not doubled
+    assert runs["doomed"].info.status == "FAILED" and runs["doomed"].data.metrics == {"loss": 9.0}
+    assert runs["fine"].info.status == "FINISHED" and runs["fine"].data.params == {"x": "1"}
+    assert tracking.queued_records(tmp_path) == []
+
+
+def test_an_unreadable_queue_file_is_moved_aside_with_a_warning(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(tracking.INVOCATION_ENV, "inv-c")
+    config = batched_config(tmp_path, tracking_uri, "batched-corrupt")
+    with tracker_from_config(config, stage="train", run_name="good", tags={}, params={}) as tracker:
+        tracker.log_metrics({"acc": 1.0})
+    garbage = tmp_path / "tracking-queue" / "0-half-written.json"
+    garbage.write_text('{"run_name": "cut off')
+    with pytest.warns(TrackingWarning, match="0-half-written.json: unreadable"):
+        assert tracking.flush_queue(config) == 1
+    assert (tmp_path / "tracking-queue" / "rejected" / garbage.name).exists()
+    assert tracking.queued_records(tmp_path) == []
+    assert [r.info.run_name for r in runs_of(tracking_uri, "batched-corrupt")] == ["good"]
+
+
+# A batched job in its own interpreter, as Snakemake starts it; argv = results dir.
+BATCHED_JOB = textwrap.dedent(
+    """
+    import sys
+    from pipeline_pkg.tracking import tracker_from_config
+
+    config = {"results_dir": sys.argv[1], "tracking": {"mode": "batched"}}
+    with tracker_from_config(config, stage="train", run_name="job", tags={}, params={"a": 1}) as run:
+        run.log_metrics({"acc": 0.5}, step=1)
+        run.log_artifact(__import__("os").devnull)
+    print("mlflow" in sys.modules, run.queue_file)
+    """
+)
+
+
+def test_a_batched_job_never_imports_mlflow(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), tracking.INVOCATION_ENV: "inv-s"}
+    done = subprocess.run([sys.executable, "-c", BATCHED_JOB, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported, queue_file = done.stdout.split()
+    assert imported == "False"
+    assert json.loads(Path(queue_file).read_text())["metrics"][0][::3] == ["acc", 1]
