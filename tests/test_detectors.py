@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline_pkg.configurable import ConfigError
+from pipeline_pkg.detectors import strongest_feature
 from pipeline_pkg.detectors.base import detection_metrics, penultimate_features
 from pipeline_pkg.detectors.maxsum import (densest_subset, expected_influence_correction, local_optima,
                                            subset_value)
@@ -117,10 +118,9 @@ class TinyPointNet(Classifier):
 @pytest.mark.parametrize("kind", ["rf", "pointcloud"])
 def test_trak_matrix_is_the_kernel_projection_with_rows_as_training_samples(kind):
     # With one checkpoint and no loss weighting, TRAK's train × train matrix is c·G(GᵀG)⁻¹Gᵀ for the
-    # projected per-sample gradients G: symmetric, with exactly proj_dim equal non-zero eigenvalues. That
-    # holds only if featurizing and scoring saw the same gradients and projection (and BatchNorm ran in
-    # eval mode under TRAK's per-sample vmap). With loss weighting, row i is scaled by 1 − p_i(label):
-    # rows are the training samples whose influence is measured.
+    # projected per-sample gradients G: symmetric, with exactly proj_dim equal non-zero eigenvalues (which
+    # needs BatchNorm in eval mode under the per-sample vmap). With loss weighting, row i is scaled by
+    # 1 − p_i(label): rows are the training samples whose influence is measured.
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     if kind == "rf":
@@ -146,6 +146,20 @@ def test_trak_matrix_is_the_kernel_projection_with_rows_as_training_samples(kind
     assert np.allclose(weighted, one_minus_p[:, None] * kernel, rtol=1e-3, atol=1e-5 * scale)
     # TRAK worked on a copy: the caller's model is untouched.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trak_projection_regenerated_per_batch_is_the_kept_one(monkeypatch):
+    # A projection too big for the memory budget is redrawn chunk by chunk for every batch: same matrix,
+    # so the same influence, up to float error, over two checkpoints; another seed, another matrix.
+    monkeypatch.setattr(strongest_feature, "PROJECTION_CHUNK_ROWS", 100)  # 12 chunks of its 1115 parameters
+    torch.manual_seed(0)
+    models = [RFCNNSpec(width=4, hidden=8).build([2, 64], 3).eval() for _ in range(2)]
+    x, y = torch.randn(40, 2, 64, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 3
+    settings = dict(proj_dim=8, batch_size=16, loss_weighting=True)
+    kept = trak_influence(models, x, y, seed=0, **settings)
+    redrawn = trak_influence(models, x, y, seed=0, projection_budget_bytes=0, **settings)
+    assert np.abs(redrawn - kept).max() < 1e-4 * np.abs(kept).max()
+    assert np.abs(trak_influence(models, x, y, seed=1, **settings) - kept).max() > 0.01 * np.abs(kept).max()
 
 
 # --- flag and metrics ---
