@@ -108,7 +108,10 @@ def run_files(config: dict, dataset: str, attack: str, arch: str, seed: int, def
     out_dir = paths.defense_dir(results, dataset, attack, arch, seed, defense)
     return {"poison": paths.poison_file(results, dataset, attack, seed),
             "backdoored": paths.train_dir(results, dataset, attack, arch, seed) / "model.pt",
-            "purified": out_dir / "model.pt", "report": out_dir / "purify.json", "metrics": out_dir / "metrics.json"}
+            "purified": out_dir / "model.pt", "report": out_dir / "purify.json", "metrics": out_dir / "metrics.json",
+            # The undefended model's evaluation, which every other method's evaluation reads.
+            "undefended": None if defense == "none" else
+            paths.defense_dir(results, dataset, attack, arch, seed, "none") / "metrics.json"}
 
 
 @main.command("purify")
@@ -128,7 +131,7 @@ def evaluate_cmd(config_path, dataset, attack, arch, seed, defense) -> None:
     config = _config(config_path)
     f = run_files(config, dataset, attack, arch, seed, defense)
     click.echo(stages.evaluate(config, dataset, attack, arch, seed, defense, f["poison"], f["backdoored"],
-                               f["purified"], f["report"], f["metrics"]))
+                               f["purified"], f["report"], f["metrics"], f["undefended"]))
 
 
 def detect_options(command):

@@ -424,26 +424,45 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
 
 # --- evaluate ---
 
+SHARPNESS_KEYS = ("lambda_max", "hessian_trace")
+
+
 def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defense: str,
              poison_file: str | Path, backdoored_model: str | Path, purified_model: str | Path,
-             purify_report: str | Path, out: str | Path) -> Path:
+             purify_report: str | Path, out: str | Path, undefended_metrics: str | Path | None = None) -> Path:
+    """ACC, ASR, RA (and the loss surface's sharpness) of the purified model, against the undefended one.
+
+    The undefended model's numbers are measured once, by the `none` evaluation: every other method reads
+    them from its metrics.json (`undefended_metrics`) instead of measuring the same model again."""
     device = pick_device(config["device"])
     seed_everything(seed, config["threads"])
     data, _ = load_poisoned(poison_file, device)
-    backdoored = load_model(config, backdoored_model, device)[0]
-    purified = load_model(config, purified_model, device)[0]
-    before, after = attack_metrics(backdoored, data), attack_metrics(purified, data)
     settings = config["evaluate"]
-    if settings["sharpness_samples"] > 0:
-        # The loss surface on clean test data that no defense has seen, before and after purification.
-        n = settings["sharpness_samples"]
-        x, y = data["x_test"][:n], data["y_test"][:n]
-        measure = {"iterations": settings["power_iterations"], "probes": settings["trace_probes"], "seed": seed}
-        before.update(sharpness(backdoored, x, y, **measure))
-        unchanged = all(torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(),
-                                                          purified.state_dict().values()))
-        after.update({k: before[k] for k in ("lambda_max", "hessian_trace")} if unchanged
-                     else sharpness(purified, x, y, **measure))
+    n = settings["sharpness_samples"]
+    # The loss surface on clean test data that no defense has seen, before and after purification.
+    x, y = data["x_test"][:n], data["y_test"][:n]
+    measure = {"iterations": settings["power_iterations"], "probes": settings["trace_probes"], "seed": seed}
+
+    def measured(model: Classifier) -> dict[str, float]:
+        return {**attack_metrics(model, data), **(sharpness(model, x, y, **measure) if n > 0 else {})}
+
+    purified, purified_meta = load_model(config, purified_model, device)
+    # A test-time defense filters the inputs and leaves the weights, hence the loss surface, as they were.
+    test_time = bool(purified_meta.get("input_filter"))
+    if undefended_metrics is None:
+        backdoored = load_model(config, backdoored_model, device)[0]
+        before = measured(backdoored)
+        same_weights = test_time or all(torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(),
+                                                                         purified.state_dict().values()))
+    else:
+        before = read_json(undefended_metrics)["undefended"]
+        same_weights = test_time
+    if same_weights and not test_time:
+        after = dict(before)
+    elif same_weights:
+        after = {**attack_metrics(purified, data), **{k: before[k] for k in SHARPNESS_KEYS if k in before}}
+    else:
+        after = measured(purified)
     report = read_json(purify_report)
     result = {"dataset": dataset, "attack": attack, "arch": arch, "seed": seed, "defense": method_label(defense),
               **after, "der": defense_effectiveness(before, after), "undefended": before,
