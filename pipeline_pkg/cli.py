@@ -315,8 +315,8 @@ def sync_records(config: dict):
                         else:
                             skipped.append(f"{train_dir / 'model.pt'} has no train.json beside it "
                                            "(older results); rerun its train job to re-send it")
-                    detect_folders = [stages.detect_folder(d) for d in detectors_for(config, dataset)]
-                    for defense in defenses_for(config, dataset) + detect_folders:
+                    detect_folders = [stages.detect_folder(d) for d in detectors_for(config, dataset, attack)]
+                    for defense in defenses_for(config, dataset, attack) + detect_folders:
                         detector = stages.detector_of(defense)
                         name = f"{dataset}/{attack}/{arch}/seed{seed}/{detector or defense}"
                         settings = {**stages.job_settings(config, dataset, attack, arch, defense),

@@ -108,10 +108,19 @@ def check_names(config: dict) -> None:
             raise ConfigError(f"datasets.{ds_name}.train: {exc}") from None
 
 
-def defenses_for(config: dict, dataset: str) -> list[str]:
+def defends(config: dict, attack: str | None) -> bool:
+    """Whether the defenses and detectors run on this attack's models: always on backdoored ones; on the
+    benign reference (attack `none`) only with `defend_benign`, as a check of what each costs a clean model."""
+    return attack != "none" or bool(config.get("defend_benign", True))
+
+
+def defenses_for(config: dict, dataset: str, attack: str | None = None) -> list[str]:
     """The defenses run on one dataset: datasets.<name>.defenses (a subset of the `defenses` section),
     else every configured defense that applies to the dataset's modality (a point-cloud filter such as
-    `sor` runs only on point clouds)."""
+    `sor` runs only on point clouds). Given an attack whose models are not defended (see `defends`),
+    only `none`: the model's own evaluation."""
+    if not defends(config, attack):
+        return ["none"]
     chosen = config["datasets"][dataset].get("defenses")
     if chosen:
         return list(chosen)
@@ -119,9 +128,11 @@ def defenses_for(config: dict, dataset: str) -> list[str]:
     return [d for d in config["defenses"] if modality in DEFENSES.get(d).modalities]
 
 
-def detectors_for(config: dict, dataset: str) -> list[str]:
+def detectors_for(config: dict, dataset: str, attack: str | None = None) -> list[str]:
     """The detectors run on one dataset: datasets.<name>.detectors (an empty list turns detection off
-    there), else every configured detector."""
+    there), else every configured detector; none for an attack whose models are not defended."""
+    if not defends(config, attack):
+        return []
     chosen = config["datasets"][dataset].get("detectors")
     return list(config["detectors"] if chosen is None else chosen)
 

@@ -76,7 +76,7 @@ def test_validation_does_not_mutate_the_input(repo):
 
 
 def test_per_dataset_overrides_and_their_errors(repo):
-    from pipeline_pkg.config import clean_budget_settings, defenses_for, train_settings
+    from pipeline_pkg.config import clean_budget_settings, defenses_for, detectors_for, train_settings
 
     config = raw(repo)
     config["datasets"]["rf1024"].update(defenses=["none", "fip"], train={"epochs": 3},
@@ -86,6 +86,10 @@ def test_per_dataset_overrides_and_their_errors(repo):
     assert defenses_for(checked, "digits") == ["none", "ft", "fip"]  # not sor: point clouds only
     assert defenses_for(checked, "shapes") == ["none", "ft", "fip", "sor"]
     assert train_settings(checked, "rf1024").epochs == 3 and train_settings(checked, "digits").epochs == 15
+    # The benign reference gets only its own evaluation unless defend_benign asks for the rest.
+    assert defenses_for(checked, "digits", "none") == ["none"] and detectors_for(checked, "digits", "none") == []
+    assert detectors_for(checked, "digits", "badnets") == ["spectral", "strongest_feature"]
+    assert defenses_for(validate({**config, "defend_benign": True}), "digits", "none") == ["none", "ft", "fip"]
     assert clean_budget_settings(checked, "rf1024")["fraction"] == 0.2
     config["datasets"]["rf1024"]["defenses"] = ["none", "anp"]
     with pytest.raises(ConfigError, match=r"datasets.rf1024.defenses: \['anp'\] are not configured"):

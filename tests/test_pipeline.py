@@ -191,6 +191,14 @@ def test_lint_is_clean_and_dry_run_lists_all_seven_stages(repo, tmp_path):
     assert dry.returncode == 0, dry.stderr[-3000:]
     for stage in STAGES:
         assert f"rule {stage}:" in dry.stdout or f"localrule {stage}:" in dry.stdout, stage
+    # The default config does not defend its benign references (defend_benign: false): each is evaluated
+    # on its own, while backdoored models get every defense and detector.
+    results = tmp_path / "r"
+    assert f"{results}/digits/badnets/resnet9/seed0/fip/metrics.json" in dry.stdout
+    assert f"{results}/digits/badnets/resnet9/seed0/detect-spectral/metrics.json" in dry.stdout
+    assert f"{results}/digits/none/resnet9/seed0/none/metrics.json" in dry.stdout
+    assert f"{results}/digits/none/resnet9/seed0/fip/" not in dry.stdout
+    assert f"{results}/digits/none/resnet9/seed0/detect-" not in dry.stdout
 
 
 def test_point_clouds_run_through_every_stage_with_the_test_time_filter(run):

@@ -32,16 +32,6 @@ def job_settings(wildcards):
     )
 
 
-def run_dirs(dataset):
-    entry = config["datasets"][dataset]
-    return [
-        f"{RESULTS}/{dataset}/{attack}/{arch}/seed{seed}"
-        for attack in entry["attacks"]
-        for arch in entry["archs"]
-        for seed in config["seeds"]
-    ]
-
-
 def detect_settings(wildcards):
     """Resolved settings of a detect or retrain job (a config change reruns it)."""
     return stages.job_settings(
@@ -53,26 +43,38 @@ def detect_settings(wildcards):
     )
 
 
-def methods(dataset):
-    """Folders of the methods evaluated on a dataset: its defenses, then detect-<detector> per detector."""
-    return pipeline_config.defenses_for(config, dataset) + [
-        stages.detect_folder(d) for d in pipeline_config.detectors_for(config, dataset)
+def methods(dataset, attack):
+    """Folders of the methods evaluated on one attack's models: the defenses, then detect-<detector> per
+    detector (only `none` on the benign reference unless `defend_benign`)."""
+    return pipeline_config.defenses_for(config, dataset, attack) + [
+        stages.detect_folder(d) for d in pipeline_config.detectors_for(config, dataset, attack)
+    ]
+
+
+def run_dirs(dataset):
+    """(run folder, attack) of every trained model of a dataset."""
+    entry = config["datasets"][dataset]
+    return [
+        (f"{RESULTS}/{dataset}/{attack}/{arch}/seed{seed}", attack)
+        for attack in entry["attacks"]
+        for arch in entry["archs"]
+        for seed in config["seeds"]
     ]
 
 
 def dataset_metrics(wildcards):
     return [
         f"{run}/{method}/metrics.json"
-        for run in run_dirs(wildcards.dataset)
-        for method in methods(wildcards.dataset)
+        for run, attack in run_dirs(wildcards.dataset)
+        for method in methods(wildcards.dataset, attack)
     ]
 
 
 def dataset_detections(wildcards):
     return [
         f"{run}/{stages.detect_folder(detector)}/detection.json"
-        for run in run_dirs(wildcards.dataset)
-        for detector in pipeline_config.detectors_for(config, wildcards.dataset)
+        for run, attack in run_dirs(wildcards.dataset)
+        for detector in pipeline_config.detectors_for(config, wildcards.dataset, attack)
     ]
 
 
