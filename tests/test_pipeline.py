@@ -172,6 +172,21 @@ def test_every_job_is_one_mlflow_run_with_tags_and_metrics(run):
     train = next(r for r in runs if r.data.tags["stage"] == "train" and r.data.tags["attack"] == "burst")
     history = client.get_metric_history(train.info.run_id, "train_loss")
     assert len(history) == 6  # one point per epoch
+    # tiny.yaml tracks in batched mode: the call's end logged every queued run and emptied the queue.
+    assert not list((results / "tracking-queue").glob("*.json"))
+
+
+def test_html_report_has_the_tables_plots_captions_and_the_configuration(run):
+    repo, workdir, results = run
+    done = snakemake(repo, workdir, "--report", "report.html")
+    assert done.returncode == 0, done.stderr[-3000:]
+    html = (workdir / "report.html").read_text()
+    for name in ("rf1024.md", "digits.png", "shapes.detection.md", "burst.png"):  # tables, plots, triggers
+        assert name in html, name
+    assert "against clean accuracy" in html  # a caption (workflow/report/plot.rst)
+    # The configuration the jobs ran with, defaults filled in, rendered from workflow/report/workflow.rst.
+    assert "Configuration of this run" in html and "sharpness_samples" in html
+    assert "backdoor-bench-tiny" in html
 
 
 def test_nothing_left_to_do_after_a_complete_run(run):
