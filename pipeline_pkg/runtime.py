@@ -39,10 +39,34 @@ def deterministic_algorithms() -> None:
         set_flag(True)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+_precision = "auto"
+
+
+def set_precision(mode: str) -> None:
+    """The config's `precision` for this process's autocast: `auto` (bf16 on GPU, fp32 on CPU), `bf16`
+    (on CPU too, where the CPU has bf16 instructions) or `fp32`."""
+    global _precision
+    if mode not in PRECISIONS:
+        raise ValueError(f"precision is {mode!r}; use one of {', '.join(PRECISIONS)}")
+    _precision = mode
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere it emulates it, slowly."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU; full precision on CPU, where bf16 is slow and breaks bit-reproducibility."""
+    """bf16 autocast on GPU; on CPU full precision unless the config asks for bf16 (about 1.3–2× faster
+    training where the CPU has bf16 instructions, but no longer bit-reproducible for every model)."""
+    if _precision == "fp32":
+        return contextlib.nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if _precision == "bf16" and device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

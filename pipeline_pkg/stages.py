@@ -20,7 +20,7 @@ from .evaluator import attack_metrics, defense_effectiveness
 from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5, write_json
 from .models import Classifier, count_parameters
 from .registry import ATTACKS, DATASETS, DEFENSES, DETECTORS, MODELS
-from .runtime import pick_device, seed_everything
+from .runtime import pick_device, seed_everything, set_precision
 from .sharpness import sharpness
 from .trainer import fit, settings_hash
 
@@ -48,6 +48,14 @@ def method_label(method: str) -> str:
     return method if detector is None else f"detect:{detector}"
 
 
+def start_job(config: dict, seed: int) -> torch.device:
+    """What every model-handling stage does first: pick the device, seed every generator and set the
+    autocast precision from the config."""
+    set_precision(config.get("precision", "auto"))
+    seed_everything(seed, config["threads"])
+    return pick_device(config["device"])
+
+
 # --- resolved settings: what each job depends on; logged as MLflow params and hashed for resume ---
 
 def dataset_obj(config: dict, dataset: str) -> Dataset:
@@ -70,6 +78,7 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
     if arch is not None:
         settings["arch"] = {"name": arch, **component(MODELS, arch, config["models"].get(arch), "models").params}
         settings["train"] = train_settings(config, dataset).params
+        settings["precision"] = config.get("precision", "auto")
     if defense is not None and detector_of(defense) is not None:
         detector = detector_of(defense)
         settings["detector"] = {"name": detector, **detector_obj(config, detector).params}
@@ -286,8 +295,7 @@ def train(config: dict, dataset: str, attack: str, arch: str, seed: int, poison_
           out: str | Path) -> Path:
     """The (possibly backdoored) model, its train.json (final metrics and per-epoch history) and
     snapshots.pt (weights at `detection.ensemble` − 1 earlier epochs, for the detectors)."""
-    device = pick_device(config["device"])
-    seed_everything(seed, config["threads"])
+    device = start_job(config, seed)
     data, attrs = load_poisoned(poison_file, device)
     num_classes = len(attrs["class_names"])
     resolved = {**job_settings(config, dataset, attack, arch), "seed": seed}
@@ -327,8 +335,7 @@ def detect(config: dict, dataset: str, attack: str, arch: str, seed: int, detect
     flags against the poisoned indices the poison stage recorded: detection.json and flagged.h5."""
     from .detectors.base import detection_metrics
 
-    device = pick_device(config["device"])
-    seed_everything(seed, config["threads"])
+    device = start_job(config, seed)
     data, attrs = load_poisoned(poison_file, device)
     models = load_ensemble(config, model_file, snapshots_file, device)
     method = detector_obj(config, detector)
@@ -357,8 +364,7 @@ def retrain(config: dict, dataset: str, attack: str, arch: str, seed: int, detec
             model_out: str | Path, report_out: str | Path) -> Path:
     """Train a fresh model on the training set minus the flagged samples; its report counts detection
     and retraining time as the method's cost (purify_seconds), like a defense's."""
-    device = pick_device(config["device"])
-    seed_everything(seed, config["threads"])
+    device = start_job(config, seed)
     data, attrs = load_poisoned(poison_file, device)
     num_classes = len(attrs["class_names"])
     flagged = read_h5(flagged_file, ["flagged"])[0]["flagged"]
@@ -399,8 +405,7 @@ def timed_purify(method, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
 def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defense: str,
            poison_file: str | Path, model_in: str | Path, model_out: str | Path,
            report_out: str | Path) -> Path:
-    device = pick_device(config["device"])
-    seed_everything(seed, config["threads"])
+    device = start_job(config, seed)
     data, _ = load_poisoned(poison_file, device)
     model, meta = load_model(config, model_in, device)
     method = component(DEFENSES, defense, config["defenses"].get(defense), f"defenses.{defense}")
@@ -434,8 +439,7 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
 
     The undefended model's numbers are measured once, by the `none` evaluation: every other method reads
     them from its metrics.json (`undefended_metrics`) instead of measuring the same model again."""
-    device = pick_device(config["device"])
-    seed_everything(seed, config["threads"])
+    device = start_job(config, seed)
     data, _ = load_poisoned(poison_file, device)
     settings = config["evaluate"]
     n = settings["sharpness_samples"]

@@ -195,3 +195,25 @@ def test_guarded_step_clips_the_gradient_norm_when_asked():
         optimizer = torch.optim.SGD([weight], lr=1.0)
         guarded_step(optimizer, (weight * torch.tensor([30.0, 40.0, 0.0])).sum(), "test", max_grad_norm=max_norm)
         assert torch.allclose(weight.detach(), torch.tensor(expected))
+
+
+def test_precision_decides_the_cpu_autocast():
+    from pipeline_pkg.runtime import autocast, cpu_has_bf16, set_precision
+
+    cpu = torch.device("cpu")
+    try:
+        set_precision("auto")  # fp32 on CPU: bit-reproducible
+        with autocast(cpu):
+            assert not torch.is_autocast_enabled("cpu")
+        set_precision("bf16")
+        with autocast(cpu):
+            assert torch.is_autocast_enabled("cpu") == cpu_has_bf16()
+            if cpu_has_bf16():
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        set_precision("fp32")
+        with autocast(cpu):
+            assert not torch.is_autocast_enabled("cpu")
+        with pytest.raises(ValueError, match="precision is 'half'; use one of auto, bf16, fp32"):
+            set_precision("half")
+    finally:
+        set_precision("auto")
