@@ -266,11 +266,17 @@ def fit_on(config: dict, dataset: str, arch: str, seed: int, data: dict[str, tor
         if saved.get("resume_key") == resume_key:
             kept_states = dict(zip(saved["epochs"], saved["states"]))
 
+    last_epoch, every = int(settings.epochs) - 1, int(settings.eval_every)
+    tested: dict[str, float] = {}
+
     def on_epoch(epoch: int, metrics: dict) -> None:
-        metrics = {**metrics, **attack_metrics(model, data)}
+        if (epoch + 1) % every == 0 or epoch == last_epoch:
+            tested.clear()
+            tested.update(attack_metrics(model, data), epoch=epoch)
+            metrics = {**metrics, **{k: v for k, v in tested.items() if k != "epoch"}}
+            log.info("epoch %d test: acc %.4f asr %.4f", epoch + 1, metrics["acc"], metrics["asr"])
         history.append({"epoch": epoch, **metrics})
         model.train()
-        log.info("epoch %d test: acc %.4f asr %.4f", epoch + 1, metrics["acc"], metrics["asr"])
         run.log_metrics(metrics, step=epoch)
         if epoch in snapshots:
             kept_states[epoch] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -281,7 +287,10 @@ def fit_on(config: dict, dataset: str, arch: str, seed: int, data: dict[str, tor
     fit(model, x, y, settings, seed=seed, checkpoint=Path(out).with_name("checkpoint.pt"),
         resume_key=resume_key, augment=dataset_obj(config, dataset).params.get("augment", ()),
         on_epoch=on_epoch)
-    final = {**attack_metrics(model, data), "train_seconds": time.perf_counter() - started}
+    # The last epoch's test is the final model's, unless a resumed job had nothing left to train.
+    measured = ({k: v for k, v in tested.items() if k != "epoch"} if tested.get("epoch") == last_epoch
+                else attack_metrics(model, data))
+    final = {**measured, "train_seconds": time.perf_counter() - started}
     run.log_metrics(final)
     return model, final, history, kept_states
 

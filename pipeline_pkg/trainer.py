@@ -37,11 +37,14 @@ class TrainSettings(Configurable):
         "optimizer": "adamw",
         "label_smoothing": 0.0,
         "device": "auto",
+        # Test ACC/ASR after every this many epochs (and after the last) for the logged curves.
+        "eval_every": 1,
     }
 
     def check(self) -> None:
         self.require(int(self.epochs) > 0, "epochs", "must be a positive integer")
         self.require(int(self.batch_size) > 0, "batch_size", "must be a positive integer")
+        self.require(int(self.eval_every) > 0, "eval_every", "must be a positive integer")
         self.require(float(self.lr) > 0, "lr", "must be positive")
         self.require(self.optimizer in ("sgd", "adamw"), "optimizer", "must be 'sgd' or 'adamw'")
         self.require(0 <= float(self.label_smoothing) < 1, "label_smoothing", "must be in [0, 1)")

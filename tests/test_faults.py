@@ -217,3 +217,20 @@ def test_full_disk_gives_a_clear_error_and_leaves_nothing(workdir, small_disk):
     assert stage.returncode != 0
     assert "OutputWriteError: [Errno " in log and f"could not write {disk / 'rf1024.h5'}" in log
     assert list(disk.iterdir()) == []
+
+
+def test_testing_every_few_epochs_logs_fewer_points_and_trains_the_same_model(workdir, reference, tmp_path):
+    """train.eval_every only thins the test curve: the model and its final metrics stay the same."""
+    config = load(workdir / "config.yaml")
+    config["train"]["eval_every"] = 3
+    out = tmp_path / "model.pt"
+    stages.train(config, "rf1024", "burst", "rf_cnn", 0, workdir / POISON, out)
+    logged = json.loads(out.with_name("train.json").read_text())
+    assert [h["epoch"] for h in logged["history"] if "acc" in h] == [2, 5, 7]  # every 3rd, and the last
+    assert len(logged["history"]) == EPOCHS and all("train_loss" in h for h in logged["history"])
+    assert logged["final"]["acc"] == logged["history"][-1]["acc"]
+    expected = json.loads(reference.with_name("train.json").read_text())
+    assert {k: logged["final"][k] for k in ("acc", "asr", "ra")} == {
+        k: expected["final"][k] for k in ("acc", "asr", "ra")}
+    trained, uninterrupted = (torch.load(p, weights_only=True)["model"] for p in (out, reference))
+    assert all(torch.equal(trained[k], uninterrupted[k]) for k in trained)
