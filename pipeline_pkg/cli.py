@@ -109,9 +109,7 @@ def run_files(config: dict, dataset: str, attack: str, arch: str, seed: int, def
     return {"poison": paths.poison_file(results, dataset, attack, seed),
             "backdoored": paths.train_dir(results, dataset, attack, arch, seed) / "model.pt",
             "purified": out_dir / "model.pt", "report": out_dir / "purify.json", "metrics": out_dir / "metrics.json",
-            # The undefended model's evaluation, which every other method's evaluation reads.
-            "undefended": None if defense == "none" else
-            paths.defense_dir(results, dataset, attack, arch, seed, "none") / "metrics.json"}
+            "undefended": paths.undefended_metrics(results, dataset, attack, arch, seed, defense)}
 
 
 @main.command("purify")

@@ -22,6 +22,12 @@ def defense_dir(results, dataset, attack, arch, seed, defense) -> Path:
     return train_dir(results, dataset, attack, arch, seed) / defense
 
 
+def undefended_metrics(results, dataset, attack, arch, seed, defense) -> Path | None:
+    """The `none` evaluation's metrics.json, which every other method's evaluation reads its undefended
+    numbers from; None for `none` itself, which measures them."""
+    return None if defense == "none" else defense_dir(results, dataset, attack, arch, seed, "none") / "metrics.json"
+
+
 def trigger_figure(results: str | Path, dataset: str, attack: str) -> Path:
     return Path(results) / "figures" / dataset / f"{attack}.png"
 

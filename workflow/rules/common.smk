@@ -78,6 +78,14 @@ def dataset_detections(wildcards):
     ]
 
 
+def undefended_input(wildcards):
+    """The undefended model is measured once, by the `none` evaluation; the others read its numbers."""
+    path = paths.undefended_metrics(
+        RESULTS, wildcards.dataset, wildcards.attack, wildcards.arch, wildcards.seed, wildcards.defense
+    )
+    return [] if path is None else str(path)
+
+
 def trigger_figures():
     """One picture of a clean and a triggered test input per (dataset, backdoor attack)."""
     return [

@@ -7,10 +7,7 @@ rule evaluate:
         backdoored=f"{RESULTS}/{RUN}/model.pt",
         purified=f"{RESULTS}/{RUN}/{{defense}}/model.pt",
         report=f"{RESULTS}/{RUN}/{{defense}}/purify.json",
-        # The undefended model is measured once, by the `none` evaluation; the others read its numbers.
-        undefended=lambda w: [] if w.defense == "none" else (
-            f"{RESULTS}/{w.dataset}/{w.attack}/{w.arch}/seed{w.seed}/none/metrics.json"
-        ),
+        undefended=undefended_input,
     output:
         f"{RESULTS}/{RUN}/{{defense}}/metrics.json",
     params:
