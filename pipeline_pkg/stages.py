@@ -267,13 +267,12 @@ def fit_on(config: dict, dataset: str, arch: str, seed: int, data: dict[str, tor
             kept_states = dict(zip(saved["epochs"], saved["states"]))
 
     last_epoch, every = int(settings.epochs) - 1, int(settings.eval_every)
-    tested: dict[str, float] = {}
+    tests: dict[int, dict[str, float]] = {}  # epoch → test metrics, for the epochs this process trained
 
     def on_epoch(epoch: int, metrics: dict) -> None:
         if (epoch + 1) % every == 0 or epoch == last_epoch:
-            tested.clear()
-            tested.update(attack_metrics(model, data), epoch=epoch)
-            metrics = {**metrics, **{k: v for k, v in tested.items() if k != "epoch"}}
+            tests[epoch] = attack_metrics(model, data)
+            metrics = {**metrics, **tests[epoch]}
             log.info("epoch %d test: acc %.4f asr %.4f", epoch + 1, metrics["acc"], metrics["asr"])
         history.append({"epoch": epoch, **metrics})
         model.train()
@@ -288,8 +287,7 @@ def fit_on(config: dict, dataset: str, arch: str, seed: int, data: dict[str, tor
         resume_key=resume_key, augment=dataset_obj(config, dataset).params.get("augment", ()),
         on_epoch=on_epoch)
     # The last epoch's test is the final model's, unless a resumed job had nothing left to train.
-    measured = ({k: v for k, v in tested.items() if k != "epoch"} if tested.get("epoch") == last_epoch
-                else attack_metrics(model, data))
+    measured = tests[last_epoch] if last_epoch in tests else attack_metrics(model, data)
     final = {**measured, "train_seconds": time.perf_counter() - started}
     run.log_metrics(final)
     return model, final, history, kept_states
@@ -462,17 +460,17 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
     purified, purified_meta = load_model(config, purified_model, device)
     # A test-time defense filters the inputs and leaves the weights, hence the loss surface, as they were.
     test_time = bool(purified_meta.get("input_filter"))
+    unchanged = False  # the very model that was measured as undefended (defense `none`)
     if undefended_metrics is None:
         backdoored = load_model(config, backdoored_model, device)[0]
         before = measured(backdoored)
-        same_weights = test_time or all(torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(),
-                                                                         purified.state_dict().values()))
+        unchanged = not test_time and all(torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(),
+                                                                            purified.state_dict().values()))
     else:
         before = read_json(undefended_metrics)["undefended"]
-        same_weights = test_time
-    if same_weights and not test_time:
+    if unchanged:
         after = dict(before)
-    elif same_weights:
+    elif test_time:
         after = {**attack_metrics(purified, data), **{k: before[k] for k in SHARPNESS_KEYS if k in before}}
     else:
         after = measured(purified)
