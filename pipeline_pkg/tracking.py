@@ -569,8 +569,11 @@ def _reject(path: Path, why: str) -> None:
           "remain the source of truth (`python -m pipeline_pkg sync-tracking` re-sends them).")
 
 
-def _log_queued_run(path: Path, record: dict[str, Any], client: Any, experiment_id: str,
-                    send: Callable[..., Any]) -> None:
+def _is_gone(error: Exception) -> bool:
+    return _error_code(error) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _log_queued_run(path: Path, record: dict[str, Any], experiment_id: str, send: _Sender) -> None:
     """Log one queued run with its original times, then delete its file: a run is logged once."""
     from .h5io import write_json
 
@@ -578,24 +581,26 @@ def _log_queued_run(path: Path, record: dict[str, Any], client: Any, experiment_
     if half_logged:
         # An earlier flush died between create_run and deleting the file: drop its partial run
         # rather than log the record a second time beside it.
-        send("delete_run", lambda: client.delete_run(half_logged),
-             give_up=lambda error: _error_code(error) == "RESOURCE_DOES_NOT_EXIST", ignore_gone=True)
-    run_id = send("create_run", lambda: client.create_run(
+        try:
+            send("delete_run", lambda: send.client.delete_run(half_logged), give_up=_is_gone)
+        except Exception as error:
+            if not _is_gone(error):
+                raise
+    run_id = send("create_run", lambda: send.client.create_run(
         experiment_id, start_time=record["start_time"], tags=record["tags"],
         run_name=record["run_name"])).info.run_id
     write_json(path, {**record, "partial_run_id": run_id})
     try:
-        _log_run_contents(run_id, record, client, send)
+        _log_run_contents(run_id, record, send)
     except Exception as error:
         if _is_rejection(error):  # the record moves aside: leave no half-logged run behind
             with contextlib.suppress(Exception):
-                client.delete_run(run_id)
+                send.client.delete_run(run_id)
         raise
     path.unlink()
 
 
-def _log_run_contents(run_id: str, record: dict[str, Any], client: Any,
-                      send: Callable[..., Any]) -> None:
+def _log_run_contents(run_id: str, record: dict[str, Any], send: _Sender) -> None:
     from mlflow.entities import Metric, Param
 
     params = [Param(key, str(value)[:MAX_PARAM_VALUE_LENGTH]) for key, value in record["params"].items()]
@@ -607,15 +612,15 @@ def _log_run_contents(run_id: str, record: dict[str, Any], client: Any,
         param_chunk, params = params[:MAX_PARAMS_PER_BATCH], params[MAX_PARAMS_PER_BATCH:]
         room = MAX_METRICS_PER_BATCH - len(param_chunk)
         metric_chunk, metrics = metrics[:room], metrics[room:]
-        send("log_batch", lambda: client.log_batch(run_id, params=param_chunk, metrics=metric_chunk))
+        send("log_batch", lambda: send.client.log_batch(run_id, params=param_chunk, metrics=metric_chunk))
     for artifact in record["artifacts"]:
         if Path(artifact["path"]).is_file():
-            send("log_artifact", lambda: client.log_artifact(
+            send("log_artifact", lambda: send.client.log_artifact(
                 run_id, artifact["path"], artifact.get("artifact_path")))
         else:
             _warn(f"Queued MLflow run {record['run_name']!r}: artifact {artifact['path']} no longer "
                   "exists, so it is not logged.")
-    send("set_terminated", lambda: client.set_terminated(
+    send("set_terminated", lambda: send.client.set_terminated(
         run_id, record["status"], end_time=record["end_time"]))
 
 
@@ -644,16 +649,9 @@ def _flush(config: Mapping[str, Any], queue: Path) -> int:
     import fcntl
 
     settings = tracking_settings(config)
-    uri, retries, backoff = settings["uri"], settings["retries"], settings["backoff"]
-
-    def send(what: str, call: Callable[[], _T], give_up: Callable[[Exception], bool] = _is_rejection,
-             ignore_gone: bool = False) -> _T | None:
-        try:
-            return _with_retries(what, call, retries, backoff, give_up)
-        except Exception as error:
-            if ignore_gone and _error_code(error) == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
+    uri, retries = settings["uri"], settings["retries"]
+    # A request MLflow refuses fails at once: sending it again cannot succeed.
+    send = _Sender(None, retries, settings["backoff"], give_up=_is_rejection)
 
     with open(queue / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -665,9 +663,9 @@ def _flush(config: Mapping[str, Any], queue: Path) -> int:
                   "run `python -m pipeline_pkg sync-tracking` where it is.")
             return 0
         try:
-            client = send("client", lambda: _client(uri))
+            send.client = send("client", lambda: _client(uri))
             experiment_id = send("experiment",
-                                 lambda: _get_or_create_experiment(client, uri, settings["experiment"]))
+                                 lambda: _get_or_create_experiment(send.client, uri, settings["experiment"]))
         except Exception as error:
             _warn(f"MLflow at {uri} is unavailable ({error!r}); {len(paths)} queued runs stay in {queue} "
                   "for the next snakemake call or `python -m pipeline_pkg sync-tracking`.")
@@ -680,7 +678,7 @@ def _flush(config: Mapping[str, Any], queue: Path) -> int:
                 _reject(path, f"unreadable ({error})")
                 continue
             try:
-                _log_queued_run(path, record, client, experiment_id, send)
+                _log_queued_run(path, record, experiment_id, send)
             except Exception as error:
                 if _is_rejection(error):
                     _reject(path, f"MLflow refused it ({error})")
@@ -878,13 +876,16 @@ def _all_runs(client: Any, experiment_id: str) -> list[Any]:
 
 
 class _Sender:
-    """MLflow writes of one sync, each retried; errors propagate (a sync that fails must say so)."""
+    """MLflow writes of one sync or flush, each retried (but not an error that `give_up` says no retry
+    can fix); errors propagate (a sync that fails must say so)."""
 
-    def __init__(self, client: Any, retries: int, backoff: float) -> None:
-        self.client, self.retries, self.backoff = client, retries, backoff
+    def __init__(self, client: Any, retries: int, backoff: float,
+                 give_up: Callable[[Exception], bool] | None = None) -> None:
+        self.client, self.retries, self.backoff, self.give_up = client, retries, backoff, give_up
 
-    def __call__(self, what: str, call: Callable[[], _T]) -> _T:
-        return _with_retries(what, call, self.retries, self.backoff)
+    def __call__(self, what: str, call: Callable[[], _T],
+                 give_up: Callable[[Exception], bool] | None = None) -> _T:
+        return _with_retries(what, call, self.retries, self.backoff, give_up or self.give_up)
 
     def metrics(self, run_id: str, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
