@@ -16,7 +16,7 @@ from ..registry import DETECTORS
 from .base import Detector, penultimate_features
 
 
-def spectral_scores(features: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+def spectral_scores(features: torch.Tensor, labels: torch.Tensor, one_sided: bool = True) -> np.ndarray:
     """Per class (by the given label): centre the class's representations, take the top right singular
     vector v, score every sample of the class by ((r − mean) · v)². Classes with one sample score 0."""
     features = features.double()
@@ -28,19 +28,27 @@ def spectral_scores(features: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         centred = features[members] - features[members].mean(0, keepdim=True)
         # The top right singular vector of the centred matrix: the direction of largest spread.
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        scores[members] = (centred @ vh[0]) ** 2
+        projection = centred @ vh[0]
+        if one_sided:
+            # The poisoned samples are the class's minority, so they form the long tail of the projection:
+            # the side its skewness points to. The clean majority sits on the other side, close to the
+            # mean; squaring would rank its far end alongside the poison.
+            projection = projection * torch.sign((projection ** 3).sum())
+            projection = projection.clamp(min=0)
+        scores[members] = projection ** 2
     return scores.cpu().numpy()
 
 
 @DETECTORS.register("spectral")
 class SpectralSignatures(Detector):
-    method_defaults = {"batch_size": 256}  # for the feature pass only
+    method_defaults = {"batch_size": 256, "one_sided": True}  # for the feature pass only
 
     def check_method(self) -> None:
         self.positive("batch_size")
+        self.require(isinstance(self.one_sided, bool), "one_sided", "must be true or false")
 
     def scores(self, models, x, y, *, seed):
         self.check_inputs(models, x, y)
         # The paper uses the trained (final) network's representation.
         features = penultimate_features(models[-1], x, int(self.batch_size))
-        return spectral_scores(features, y)
+        return spectral_scores(features, y, bool(self.one_sided))
