@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .augment import augmenter
 from .configurable import Configurable
 from .h5io import load_checkpoint, save_checkpoint
+from .optim import SGD, AdamW, LambdaLR, Optimizer
 from .runtime import autocast, epoch_order, minibatches
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,11 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(params, settings: TrainSettings) -> Optimizer:
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=float(settings.lr), momentum=0.9, nesterov=True,
-                               weight_decay=float(settings.weight_decay))
-    return torch.optim.AdamW(params, lr=float(settings.lr), weight_decay=float(settings.weight_decay))
+        return SGD(params, lr=float(settings.lr), momentum=0.9, nesterov=True,
+                   weight_decay=float(settings.weight_decay))
+    return AdamW(params, lr=float(settings.lr), weight_decay=float(settings.weight_decay))
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
@@ -67,7 +68,7 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
                                f"or check the input data for NaNs")
 
 
-def guarded_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str,
+def guarded_step(optimizer: Optimizer, loss: torch.Tensor, where: str,
                  inputs: Sequence[torch.Tensor] | None = None, max_grad_norm: float | None = None) -> None:
     """One optimizer step on `loss` (its gradient only for `inputs` when given, its norm over the
     optimizer's parameters clipped to `max_grad_norm` when set), refusing a NaN or infinite loss with
@@ -81,8 +82,7 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: st
     optimizer.step()
 
 
-def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
-                      warmup_share: float = 0.25) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_then_decay(optimizer: Optimizer, total_steps: int, warmup_share: float = 0.25) -> LambdaLR:
     """One-cycle-shaped schedule: linear warm-up to the base learning rate over the first quarter, then
     linear decay to zero; defined for any number of steps (torch's OneCycleLR fails on some short runs)."""
     warmup = max(1, round(warmup_share * total_steps))
@@ -92,7 +92,7 @@ def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, factor)
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings, *, seed: int,

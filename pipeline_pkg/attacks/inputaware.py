@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optim import Adam
 from ..registry import ATTACKS
 from .image_base import to_uint8, to_unit
 from .surrogate import (ConvEncoderDecoder, LearnedImageAttack, build_surrogate, fit_device, in_batches,
@@ -92,7 +93,7 @@ class InputAware(LearnedImageAttack):
         nets["mask"].requires_grad_(False)
         with seeded(seed + 1):
             classifier = build_surrogate(x.shape[1:], num_classes, int(self.surrogate_width)).to(device)
-        optimizer = torch.optim.Adam([
+        optimizer = Adam([
             {"params": classifier.parameters(), "lr": float(self.lr)},
             {"params": nets["pattern"].parameters(), "lr": float(self.generator_lr)},
         ])
@@ -119,7 +120,7 @@ class InputAware(LearnedImageAttack):
     def fit_mask(self, images: torch.Tensor, seed: int) -> None:
         """Stage one: masks no denser than `mask_density`, and different for different images."""
         mask_net = self.nets["mask"]
-        optimizer = torch.optim.Adam(mask_net.parameters(), lr=float(self.generator_lr))
+        optimizer = Adam(mask_net.parameters(), lr=float(self.generator_lr))
         for (xb,) in shuffled_batches((images,), int(self.mask_epochs), BATCH, seed + 2):
             mask = self.mask(xb)
             density = F.relu(mask.mean() - float(self.mask_density))

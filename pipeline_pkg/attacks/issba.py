@@ -19,6 +19,7 @@ from torch import nn
 
 from ..augment import augmenter
 from ..datasets.base import check_augment
+from ..optim import Adam
 from ..registry import ATTACKS
 from .surrogate import (ConvEncoderDecoder, LearnedImageAttack, conv_relu, fit_device, optimiser_step, seeded,
                         shuffled_batches, unit_tensors)
@@ -106,7 +107,7 @@ class ISSBA(LearnedImageAttack):
         encoder = self.new_nets(x.shape[1:], seed, device)["encoder"]
         with seeded(seed + 1):
             decoder = StegaDecoder(x.shape[1:], int(self.bits), int(self.decoder_width)).to(device)
-        optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=float(self.lr))
+        optimizer = Adam([*encoder.parameters(), *decoder.parameters()], lr=float(self.lr))
         augment = augmenter(self.augment, device, seed)
         codes = torch.Generator(device=device).manual_seed(int(seed))
         for (xb,) in shuffled_batches((images,), int(self.epochs), BATCH, seed):

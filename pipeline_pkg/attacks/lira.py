@@ -17,6 +17,7 @@ from torch import nn
 
 from ..augment import augmenter
 from ..datasets.base import check_augment
+from ..optim import Adam
 from ..registry import ATTACKS
 from .surrogate import (ConvEncoderDecoder, LearnedImageAttack, build_surrogate, fit_device, optimiser_step,
                         seeded, shuffled_batches, target_tensor, unit_tensors)
@@ -59,8 +60,8 @@ class Lira(LearnedImageAttack):
         generator = self.new_nets(x.shape[1:], seed, device)["generator"]
         with seeded(seed + 1):
             classifier = build_surrogate(x.shape[1:], num_classes, int(self.surrogate_width)).to(device)
-        generator_opt = torch.optim.Adam(generator.parameters(), lr=float(self.generator_lr))
-        classifier_opt = torch.optim.Adam(classifier.parameters(), lr=float(self.lr))
+        generator_opt = Adam(generator.parameters(), lr=float(self.generator_lr))
+        classifier_opt = Adam(classifier.parameters(), lr=float(self.lr))
         targets = target_tensor(self, labels, num_classes)
         alpha = float(self.alpha)
         augment = augmenter(self.augment, device, seed)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.base import Classifier
+from ..optim import Optimizer
 from ..registry import MODELS
 from ..runtime import epoch_order, pick_device
 from ..trainer import TrainSettings, fit, guarded_step
@@ -68,7 +69,7 @@ def shuffled_batches(tensors: Sequence[torch.Tensor], epochs: int, batch_size: i
             yield tuple(t[idx] for t in tensors)
 
 
-def optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, attack: ImageAttack,
+def optimiser_step(optimizer: Optimizer, loss: torch.Tensor, attack: ImageAttack,
                    inputs: Sequence[torch.Tensor] | None = None) -> None:
     """One guarded step of fitting `attack`'s trigger (trainer.guarded_step)."""
     guarded_step(optimizer, loss, f"attack {attack.name!r}: fitting the trigger", inputs)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..optim import Adam
 from ..registry import ATTACKS
 from .badnets import CORNERS, BadNets
 from .surrogate import LearnedImageAttack, fit_device, optimiser_step, train_surrogate, unit_tensors
@@ -74,7 +75,7 @@ class Trojan(LearnedImageAttack, BadNets):
         images, _ = unit_tensors(x, y, device)
         neurons = self.selected_neurons(surrogate.classifier)
         pattern = self.new_nets(x.shape[1:], seed, device)["patch"].pattern
-        optimizer = torch.optim.Adam([pattern], lr=float(self.lr))
+        optimizer = Adam([pattern], lr=float(self.lr))
         picker = torch.Generator().manual_seed(int(seed))
         for _ in range(int(self.steps)):
             batch = images[torch.randint(len(images), (OPTIMISE_BATCH,), generator=picker).to(device)]

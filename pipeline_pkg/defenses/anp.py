@@ -56,6 +56,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..evaluator import accuracy
+from ..optim import SGD
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import check_finite, guarded_step
@@ -202,7 +203,7 @@ class AdversarialNeuronPruning(Defense):
             masks = [s.mask for s in scales]
             noises = [s.noise for s in scales] + [s.noise for s in shifts]
             self.tunable_parameters = sum(m.numel() for m in masks)
-            optimizer = torch.optim.SGD(masks, lr=float(self.lr), momentum=float(self.momentum))
+            optimizer = SGD(masks, lr=float(self.lr), momentum=float(self.momentum))
             batches = InfiniteBatches(x, y, int(self.batch_size), seed)
             gen = torch.Generator().manual_seed(seed)
             self.train_mode(model)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optim import SGD
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import guarded_step
@@ -41,8 +42,8 @@ class FisherInformationPurification(Defense):
         self.tunable_parameters = sum(p.numel() for p in params)
         anchors = [p.detach().clone() for p in params]
         fisher = diagonal_fisher(model, x, params, gen) if float(self.eta_r) > 0 else None
-        optimizer = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum),
-                                    weight_decay=float(self.weight_decay))
+        optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
+                        weight_decay=float(self.weight_decay))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
         self.train_mode(model)
         for step in range(int(self.steps)):

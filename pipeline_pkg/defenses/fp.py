@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..evaluator import accuracy
+from ..optim import SGD
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import guarded_step
@@ -65,8 +66,8 @@ class FinePruning(Defense):
         for p in params:
             p.requires_grad_(True)
         self.tunable_parameters = sum(p.numel() for p in params)
-        optimizer = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum),
-                                    weight_decay=float(self.weight_decay))
+        optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
+                        weight_decay=float(self.weight_decay))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
         self.train_mode(model)
         for step_index in range(int(self.steps)):

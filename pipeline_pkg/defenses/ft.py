@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..models import count_parameters
+from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import guarded_step
@@ -31,9 +31,9 @@ class FineTuning(Defense):
         for p in params:
             p.requires_grad_(True)
         self.tunable_parameters = count_parameters(model)
-        optimizer = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum),
-                                    weight_decay=float(self.weight_decay))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(self.steps))
+        optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
+                        weight_decay=float(self.weight_decay))
+        scheduler = CosineAnnealingLR(optimizer, int(self.steps))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
         for step in range(int(self.steps)):
             xb, yb = next(batches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import check_finite
@@ -49,9 +50,9 @@ class FineTuningSAM(Defense):
         for p in params:
             p.requires_grad_(True)
         self.tunable_parameters = sum(p.numel() for p in params)
-        optimizer = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum),
-                                    weight_decay=float(self.weight_decay))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(self.steps))
+        optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
+                        weight_decay=float(self.weight_decay))
+        scheduler = CosineAnnealingLR(optimizer, int(self.steps))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
         self.train_mode(model)
         for step in range(int(self.steps)):

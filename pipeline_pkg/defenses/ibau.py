@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optim import Adam
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import check_finite
@@ -166,7 +167,7 @@ class IBAU(Defense):
         for p in params:
             p.requires_grad_(True)
         self.tunable_parameters = sum(p.numel() for p in params)
-        optimizer = torch.optim.Adam(params, lr=float(self.lr))
+        optimizer = Adam(params, lr=float(self.lr))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
         radius = float(self.eps) * data_norm(x)
         reg, cw = float(self.inner_reg), float(self.clean_weight)

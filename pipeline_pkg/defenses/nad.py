@@ -48,6 +48,7 @@ from torch import nn
 
 from ..configurable import ConfigError
 from ..models import count_parameters
+from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import guarded_step
@@ -214,9 +215,9 @@ class NeuralAttentionDistillation(Defense):
         for p_ in params:
             p_.requires_grad_(True)
         self.tunable_parameters = count_parameters(model)
-        optimizer = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum),
-                                    weight_decay=float(self.weight_decay))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(self.steps))
+        optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
+                        weight_decay=float(self.weight_decay))
+        scheduler = CosineAnnealingLR(optimizer, int(self.steps))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
         student_rec, teacher_rec = FeatureRecorder(model, names), FeatureRecorder(teacher, names)
         try:

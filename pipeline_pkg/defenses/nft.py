@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import guarded_step
@@ -115,8 +116,8 @@ class NeuralMaskFineTuning(Defense):
             # N_c: clean samples per class of the budget (1 in one-shot mode).
             samples_per_class = max(1.0, len(y) / max(1, int(torch.unique(y).numel())))
             reg_weight = float(self.c) / samples_per_class
-            optimizer = torch.optim.SGD(masks, lr=float(self.lr), momentum=float(self.momentum))
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(self.steps))
+            optimizer = SGD(masks, lr=float(self.lr), momentum=float(self.momentum))
+            scheduler = CosineAnnealingLR(optimizer, int(self.steps))
             batches = InfiniteBatches(x, y, int(self.batch_size), seed)
             gen = torch.Generator().manual_seed(seed)
             self.train_mode(model)

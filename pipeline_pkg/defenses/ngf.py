@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optim import SGD
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import check_finite
@@ -120,7 +121,7 @@ class NaturalGradientFineTuning(Defense):
         anchors = [p.detach().clone() for p in params]
         fisher = diagonal_fisher(model, x, params, gen) if float(self.eta_r) > 0 else None
         self.factors = factors = KroneckerFactors(layer, float(self.factor_decay))
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=float(self.momentum))
+        optimizer = SGD(params, lr=lr, momentum=float(self.momentum))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
 
         captured: dict[str, torch.Tensor] = {}

@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..evaluator import accuracy
+from ..optim import SGD
 from ..registry import DEFENSES
 from ..runtime import InfiniteBatches, autocast
 from ..trainer import guarded_step
@@ -117,8 +118,8 @@ class ReconstructiveNeuronPruning(Defense):
         params = list(copy_.parameters())
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.SGD(params, lr=float(self.unlearn_lr), momentum=float(self.unlearn_momentum),
-                                    weight_decay=float(self.unlearn_weight_decay))
+        optimizer = SGD(params, lr=float(self.unlearn_lr), momentum=float(self.unlearn_momentum),
+                        weight_decay=float(self.unlearn_weight_decay))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed)
         floor = float(self.unlearn_floor)
         self.train_mode(copy_)
@@ -154,7 +155,7 @@ class ReconstructiveNeuronPruning(Defense):
             masks.append(layer.parametrizations.weight[0].mask)
         freeze_all_but(unlearned, masks)
         self.tunable_parameters = sum(m.numel() for m in masks)
-        optimizer = torch.optim.SGD(masks, lr=float(self.recover_lr), momentum=float(self.recover_momentum))
+        optimizer = SGD(masks, lr=float(self.recover_lr), momentum=float(self.recover_momentum))
         batches = InfiniteBatches(x, y, int(self.batch_size), seed + 1)
         self.train_mode(unlearned)
         try:
