@@ -103,19 +103,24 @@ def run_options(command):
 
 
 def run_files(config: dict, dataset: str, attack: str, arch: str, seed: int, defense: str) -> dict[str, Path]:
-    """Where the pipeline keeps one (dataset, attack, arch, seed, defense) job's inputs and outputs."""
+    """Where the pipeline keeps one (dataset, attack, arch, seed, defense) job's inputs and outputs. For
+    `none`, "purified" is the trained model and "report" is None: `none` has no purify job."""
     results = config["results_dir"]
-    out_dir = paths.defense_dir(results, dataset, attack, arch, seed, defense)
+    run = (results, dataset, attack, arch, seed, defense)
+    out_dir = paths.defense_dir(*run)
     return {"poison": paths.poison_file(results, dataset, attack, seed),
             "backdoored": paths.train_dir(results, dataset, attack, arch, seed) / "model.pt",
-            "purified": out_dir / "model.pt", "report": out_dir / "purify.json", "metrics": out_dir / "metrics.json",
-            "undefended": paths.undefended_metrics(results, dataset, attack, arch, seed, defense)}
+            "out_dir": out_dir, "purified": paths.purified_model(*run), "report": paths.purify_report(*run),
+            "metrics": out_dir / "metrics.json", "undefended": paths.undefended_metrics(*run)}
 
 
 @main.command("purify")
 @run_options
 def purify_cmd(config_path, dataset, attack, arch, seed, defense) -> None:
     """Purify a trained model with one defense on the clean budget."""
+    if defense == paths.NO_DEFENSE:
+        raise click.UsageError("defense `none` has no purify job: its evaluation reads the trained model "
+                               "itself (run `evaluate --defense none`)")
     config = _config(config_path)
     f = run_files(config, dataset, attack, arch, seed, defense)
     click.echo(stages.purify(config, dataset, attack, arch, seed, defense, f["poison"], f["backdoored"],
@@ -147,7 +152,7 @@ def detect_cmd(config_path, dataset, attack, arch, seed, detector) -> None:
     f = run_files(config, dataset, attack, arch, seed, stages.detect_folder(detector))
     train_dir = f["backdoored"].parent
     click.echo(stages.detect(config, dataset, attack, arch, seed, detector, f["poison"], f["backdoored"],
-                             train_dir / "snapshots.pt", f["purified"].parent))
+                             train_dir / "snapshots.pt", f["out_dir"]))
 
 
 @main.command("retrain")
@@ -156,7 +161,7 @@ def retrain_cmd(config_path, dataset, attack, arch, seed, detector) -> None:
     """Train a fresh model on the training set minus one detector's flagged samples."""
     config = _config(config_path)
     f = run_files(config, dataset, attack, arch, seed, stages.detect_folder(detector))
-    out_dir = f["purified"].parent
+    out_dir = f["out_dir"]
     click.echo(stages.retrain(config, dataset, attack, arch, seed, detector, f["poison"], out_dir / "flagged.h5",
                               out_dir / "detection.json", f["purified"], f["report"]))
 
@@ -321,13 +326,14 @@ def sync_records(config: dict):
                                     "seed": seed}
                         f = run_files(config, dataset, attack, arch, seed, defense)
                         all_metrics.append(f["metrics"])
-                        detection = f["purified"].parent / "detection.json"
+                        detection = f["out_dir"] / "detection.json"
                         if detector and detection.exists():
                             found = read_json(detection)
                             records.append(RunRecord(
                                 f"detect/{name}", stages.tags("detect", dataset, attack, arch, seed, defense),
                                 settings, floats({k: found[k] for k in DETECTION_KEYS})))
-                        if f["report"].exists() and f["purified"].exists():
+                        # `none` has no purify job, hence no report and no purify run to re-send.
+                        if f["report"] is not None and f["report"].exists() and f["purified"].exists():
                             stage = "retrain" if detector else "purify"
                             records.append(RunRecord(
                                 f"{stage}/{name}", stages.tags(stage, dataset, attack, arch, seed, defense),

@@ -22,10 +22,31 @@ def defense_dir(results, dataset, attack, arch, seed, defense) -> Path:
     return train_dir(results, dataset, attack, arch, seed) / defense
 
 
+# The defense that leaves the model as trained: it has no purify job, its evaluation reads RUN/model.pt.
+NO_DEFENSE = "none"
+
+
+def purified_model(results, dataset, attack, arch, seed, defense) -> Path:
+    """The model a method's evaluation measures: its own model.pt, or for `none` the trained one (a
+    copy of it would be a job that only loads and saves)."""
+    if defense == NO_DEFENSE:
+        return train_dir(results, dataset, attack, arch, seed) / "model.pt"
+    return defense_dir(results, dataset, attack, arch, seed, defense) / "model.pt"
+
+
+def purify_report(results, dataset, attack, arch, seed, defense) -> Path | None:
+    """The purify (or retrain) job's purify.json; None for `none`, which has no such job."""
+    if defense == NO_DEFENSE:
+        return None
+    return defense_dir(results, dataset, attack, arch, seed, defense) / "purify.json"
+
+
 def undefended_metrics(results, dataset, attack, arch, seed, defense) -> Path | None:
     """The `none` evaluation's metrics.json, which every other method's evaluation reads its undefended
     numbers from; None for `none` itself, which measures them."""
-    return None if defense == "none" else defense_dir(results, dataset, attack, arch, seed, "none") / "metrics.json"
+    if defense == NO_DEFENSE:
+        return None
+    return defense_dir(results, dataset, attack, arch, seed, NO_DEFENSE) / "metrics.json"
 
 
 def trigger_figure(results: str | Path, dataset: str, attack: str) -> Path:

@@ -437,15 +437,23 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
 # --- evaluate ---
 
 SHARPNESS_KEYS = ("lambda_max", "hessian_trace")
+# What `none` costs, in place of a purify report: it has no purify job and optimises nothing.
+NO_PURIFICATION = {"purify_seconds": 0.0, "trainable_params": 0}
 
 
 def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defense: str,
              poison_file: str | Path, backdoored_model: str | Path, purified_model: str | Path,
-             purify_report: str | Path, out: str | Path, undefended_metrics: str | Path | None = None) -> Path:
+             purify_report: str | Path | None, out: str | Path,
+             undefended_metrics: str | Path | None = None) -> Path:
     """ACC, ASR, RA (and the loss surface's sharpness) of the purified model, against the undefended one.
 
     The undefended model's numbers are measured once, by the `none` evaluation: every other method reads
-    them from its metrics.json (`undefended_metrics`) instead of measuring the same model again."""
+    them from its metrics.json (`undefended_metrics`) instead of measuring the same model again. `none`
+    has no purify job: its `purified_model` is the trained model and it has no `purify_report` (None),
+    so it reports 0 s of purification and 0 trainable parameters."""
+    if purify_report is None and defense != "none":
+        raise ValueError(f"evaluate {defense!r}: no purify report given; only `none` has none, every other "
+                         "method's evaluation needs the purify.json its purify (or retrain) job wrote")
     device = start_job(config, seed)
     data, _ = load_poisoned(poison_file, device)
     settings = config["evaluate"]
@@ -462,10 +470,12 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
     test_time = bool(purified_meta.get("input_filter"))
     unchanged = False  # the very model that was measured as undefended (defense `none`)
     if undefended_metrics is None:
-        backdoored = load_model(config, backdoored_model, device)[0]
+        # `none` evaluates the trained model file itself: loading it twice would only cost time.
+        same_file = Path(purified_model).resolve() == Path(backdoored_model).resolve()
+        backdoored = purified if same_file else load_model(config, backdoored_model, device)[0]
         before = measured(backdoored)
-        unchanged = not test_time and all(torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(),
-                                                                            purified.state_dict().values()))
+        unchanged = not test_time and (same_file or all(
+            torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(), purified.state_dict().values())))
     else:
         before = read_json(undefended_metrics)["undefended"]
     if unchanged:
@@ -474,7 +484,7 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
         after = {**attack_metrics(purified, data), **{k: before[k] for k in SHARPNESS_KEYS if k in before}}
     else:
         after = measured(purified)
-    report = read_json(purify_report)
+    report = NO_PURIFICATION if purify_report is None else read_json(purify_report)
     result = {"dataset": dataset, "attack": attack, "arch": arch, "seed": seed, "defense": method_label(defense),
               **after, "der": defense_effectiveness(before, after), "undefended": before,
               "purify_seconds": report["purify_seconds"], "trainable_params": report["trainable_params"]}

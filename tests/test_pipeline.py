@@ -93,18 +93,26 @@ def test_image_backdoor_runs_through_every_stage_and_every_defense(run):
     assert "| badnets" in table
 
 
-def test_defenses_change_the_model_and_none_does_not(run):
+def test_defenses_change_the_model_and_none_is_the_trained_model_itself(run):
     _, _, results = run
     base = results / "rf1024/burst/rf_cnn/seed0"
     original = torch.load(base / "model.pt", weights_only=True)["model"]
-    for defense in DEFENSES:
+    for defense in [d for d in DEFENSES if d != "none"]:
         purified = torch.load(base / defense / "model.pt", weights_only=True)["model"]
-        changed = any(not torch.equal(original[k], purified[k]) for k in original)
         # anp only prunes, and its clean-budget rule may legitimately prune nothing on a tiny model.
         if defense != "anp":
-            assert changed == (defense != "none"), defense
+            assert any(not torch.equal(original[k], purified[k]) for k in original), defense
         report = json.loads((base / defense / "purify.json").read_text())
-        assert (report["trainable_params"] > 0) == (defense != "none")
+        assert report["trainable_params"] > 0, defense
+    # `none` has no purify job: nothing copies the trained model; its evaluation reads it and costs nothing.
+    run_dirs = list(results.glob("*/*/*/seed0"))
+    assert len(run_dirs) == len(ATTACKS) + len(IMAGE_ATTACKS) + len(CLOUD_ATTACKS)
+    for run_dir in run_dirs:
+        assert not (run_dir / "none/model.pt").exists() and not (run_dir / "none/purify.json").exists()
+        assert (run_dir / "none/metrics.json").exists(), run_dir
+    none = read_metrics(results, "burst", "none")
+    assert none["purify_seconds"] == 0 and none["trainable_params"] == 0
+    assert {k: none[k] for k in ("acc", "asr", "ra")} == {k: none["undefended"][k] for k in ("acc", "asr", "ra")}
 
 
 def test_hdf5_carries_shapes_and_provenance(run):
@@ -153,10 +161,12 @@ def test_every_job_is_one_mlflow_run_with_tags_and_metrics(run):
     trained = len(ATTACKS) + len(IMAGE_ATTACKS) + len(CLOUD_ATTACKS)
     n = len(ATTACKS) * len(DEFENSES) + len(IMAGE_ATTACKS) * len(IMAGE_DEFENSES) + len(CLOUD_ATTACKS) * len(CLOUD_DEFENSES)
     detected = len(ATTACKS) + len(IMAGE_ATTACKS) + len(CLOUD_ATTACKS)  # one detector per dataset
-    assert stages.count("train") == trained and stages.count("purify") == n
+    purified = n - trained  # every trained model is evaluated as `none`, which has no purify job
+    assert stages.count("train") == trained and stages.count("purify") == purified
+    assert not [r for r in runs if r.data.tags["stage"] == "purify" and r.data.tags["defense"] == "none"]
     assert stages.count("detect") == detected and stages.count("retrain") == detected
     assert stages.count("evaluate") == n + detected
-    assert stages.count("aggregate") == 3 and len(runs) == trained + 3 + 2 * n + 3 * detected
+    assert stages.count("aggregate") == 3 and len(runs) == trained + 3 + purified + n + 3 * detected
     assert len({r.data.tags["invocation"] for r in runs}) == 1
     evaluations = [r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.tags["dataset"] == "rf1024"]
     assert {(r.data.tags["attack"], r.data.tags["defense"]) for r in evaluations} == {
@@ -214,6 +224,9 @@ def test_lint_is_clean_and_dry_run_lists_all_seven_stages(repo, tmp_path):
     assert f"{results}/digits/none/resnet9/seed0/none/metrics.json" in dry.stdout
     assert f"{results}/digits/none/resnet9/seed0/fip/" not in dry.stdout
     assert f"{results}/digits/none/resnet9/seed0/detect-" not in dry.stdout
+    # `none` is evaluated from the trained model: no purify job copies it.
+    assert f"{results}/digits/badnets/resnet9/seed0/none/metrics.json" in dry.stdout
+    assert "/none/model.pt" not in dry.stdout and "/none/purify.json" not in dry.stdout
 
 
 def test_point_clouds_run_through_every_stage_with_the_test_time_filter(run):

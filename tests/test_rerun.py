@@ -26,6 +26,11 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=600)
 
 
+def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline_pkg", *args], cwd=workdir, capture_output=True,
+                          text=True, timeout=300)
+
+
 def job_counts(done: subprocess.CompletedProcess) -> dict[str, int]:
     """The `Job stats` table of a (dry) run: rule -> number of jobs, without the `all` and total rows."""
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,10 +48,11 @@ def plans(done: subprocess.CompletedProcess) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A complete run of config/tiny.yaml cut down to one attack, defenses none and ft, no tracking."""
+    """A complete run of config/tiny.yaml cut down to one attack, defenses none, ft and fp (two purify
+    jobs: `none` has none), no tracking."""
     workdir = tmp_path_factory.mktemp("rerun")
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
-    config.update(results_dir="results", defenses={"none": {}, "ft": {"steps": 20}},
+    config.update(results_dir="results", defenses={"none": {}, "ft": {"steps": 20}, "fp": {"steps": 10}},
                   evaluate={"sharpness_samples": 0}, tracking={"enabled": False})
     config["datasets"] = {"rf1024": {**config["datasets"]["rf1024"], "attacks": ["burst"], "detectors": []}}
     config["train"]["epochs"] = 3
@@ -74,14 +80,14 @@ def test_until_and_rule_names_select_what_the_readme_says(workdir):
     assert job_counts(snakemake(workdir, "-n", "--forcerun", TARGET, "--until", "purify")) == {"purify": 1}
     # A rule name forces every job of that rule. --forcerun takes several values, so a file after it
     # is one more thing to force, not the target: `--forcerun purify FILE` reruns every purify job.
-    every = {"purify": 2, "evaluate": 2, "aggregate": 1}
+    every = {"purify": 2, "evaluate": 2, "aggregate": 1}  # ft and fp; `none` reads the trained model
     assert job_counts(snakemake(workdir, "-n", "--forcerun", "purify")) == every
     assert job_counts(snakemake(workdir, "-n", "--forcerun", "purify", TARGET)) == every
 
 
 def test_forcerun_reruns_one_purify_job_and_reuses_the_trained_model(workdir):
     files = [f"{RUN}/model.pt", f"{RUN}/train.json", "results/rf1024/burst/poison-seed0.h5",
-             f"{RUN}/none/model.pt", f"{RUN}/none/metrics.json", f"{RUN}/ft/model.pt",
+             f"{RUN}/none/metrics.json", f"{RUN}/fp/model.pt", f"{RUN}/ft/model.pt",
              f"{RUN}/ft/metrics.json", "results/summary/rf1024.csv",
              "results/logs/train/rf1024/burst/rf_cnn/seed0.log"]
     before = {f: (workdir / f).stat().st_mtime_ns for f in files}
@@ -97,3 +103,25 @@ def test_forcerun_reruns_one_purify_job_and_reuses_the_trained_model(workdir):
     assert {k: metrics_after[k] for k in ("acc", "asr", "ra", "der")} == {
         k: metrics_before[k] for k in ("acc", "asr", "ra", "der")}
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+
+
+def test_none_has_no_purify_job_and_is_evaluated_from_the_trained_model(workdir):
+    assert not (workdir / RUN / "none/model.pt").exists() and not (workdir / RUN / "none/purify.json").exists()
+    # Nothing can make a copy of the trained model under none/.
+    missing = snakemake(workdir, "-n", f"{RUN}/none/model.pt")
+    assert missing.returncode != 0 and "No rule to produce" in missing.stdout + missing.stderr
+    # A retrained model changes `none`'s evaluation (and the others', which read its numbers).
+    assert job_counts(snakemake(workdir, "-n", "--forcerun", f"{RUN}/model.pt")) == {
+        "train": 1, "purify": 2, "evaluate": 3, "aggregate": 1}
+    # By hand: `purify --defense none` is refused, `evaluate --defense none` reproduces the job's numbers.
+    job = ["--config", "config.yaml", "--dataset", "rf1024", "--attack", "burst", "--arch", "rf_cnn",
+           "--seed", "0", "--defense", "none"]
+    refused = cli(workdir, "purify", *job)
+    assert refused.returncode == 2 and "`none` has no purify job" in refused.stderr
+    metrics = workdir / RUN / "none/metrics.json"
+    before = json.loads(metrics.read_text())
+    rerun = cli(workdir, "evaluate", *job)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = json.loads(metrics.read_text())
+    assert after == {**before, "purify_seconds": 0.0, "trainable_params": 0}
+    assert not (workdir / RUN / "none/model.pt").exists()

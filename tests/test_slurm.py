@@ -38,13 +38,13 @@ STAGES = [
     ("generate_rf1024", [f"{RESULTS}/data/rf1024.h5"]),
     ("poison", [f"{RESULTS}/rf1024/burst/poison-seed0.h5"]),
     ("train", [f"{RUN}/model.pt"]),
-    ("purify", [f"{RUN}/{d}/{f}" for d in DEFENSES for f in ("model.pt", "purify.json")]),
+    ("purify", [f"{RUN}/ft/{f}" for f in ("model.pt", "purify.json")]),  # `none` is not a purify job
     ("evaluate", [f"{RUN}/{d}/metrics.json" for d in DEFENSES]),
     ("aggregate", [f"{RESULTS}/summary/rf1024.{ext}" for ext in ("csv", "md", "png", "detection.md")]),
     ("render_trigger", [f"{RESULTS}/figures/rf1024/burst.png"]),
 ]
 THREADS = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())["threads"]
-SLURM_JOBS = {"generate_rf1024": 1, "poison": 1, "train": 1, "purify": 2, "evaluate": 2, "aggregate": 1,
+SLURM_JOBS = {"generate_rf1024": 1, "poison": 1, "train": 1, "purify": 1, "evaluate": 2, "aggregate": 1,
               "render_trigger": 1}
 
 

@@ -78,11 +78,33 @@ def dataset_detections(wildcards):
     ]
 
 
+def method_run(wildcards):
+    """The (results, dataset, attack, arch, seed, method) that pipeline_pkg.paths names one method's
+    files by."""
+    return (
+        RESULTS,
+        wildcards.dataset,
+        wildcards.attack,
+        wildcards.arch,
+        wildcards.seed,
+        wildcards.defense,
+    )
+
+
+def purified_input(wildcards):
+    """The model a method's evaluation measures: `none` measures the trained model itself."""
+    return str(paths.purified_model(*method_run(wildcards)))
+
+
+def purify_report_input(wildcards):
+    """The purify (or retrain) report; `none` has no purify job, hence none."""
+    path = paths.purify_report(*method_run(wildcards))
+    return [] if path is None else str(path)
+
+
 def undefended_input(wildcards):
     """The undefended model is measured once, by the `none` evaluation; the others read its numbers."""
-    path = paths.undefended_metrics(
-        RESULTS, wildcards.dataset, wildcards.attack, wildcards.arch, wildcards.seed, wildcards.defense
-    )
+    path = paths.undefended_metrics(*method_run(wildcards))
     return [] if path is None else str(path)
 
 

@@ -1,12 +1,13 @@
 rule evaluate:
-    # A method folder is a defense or detect-<detector> (made by the retrain rule).
+    # A method folder is a defense or detect-<detector> (made by the retrain rule). `none` evaluates
+    # the trained model itself and has no purify report.
     wildcard_constraints:
         defense="[A-Za-z0-9_]+|detect-[A-Za-z0-9_]+",
     input:
         poison=f"{RESULTS}/{{dataset}}/{{attack}}/poison-seed{{seed}}.h5",
         backdoored=f"{RESULTS}/{RUN}/model.pt",
-        purified=f"{RESULTS}/{RUN}/{{defense}}/model.pt",
-        report=f"{RESULTS}/{RUN}/{{defense}}/purify.json",
+        purified=purified_input,
+        report=purify_report_input,
         undefended=undefended_input,
     output:
         f"{RESULTS}/{RUN}/{{defense}}/metrics.json",

@@ -1,4 +1,7 @@
 rule purify:
+    # Any defense but `none`: its evaluation reads the trained model, so no job copies it.
+    wildcard_constraints:
+        defense="(?!none(?![A-Za-z0-9_]))[A-Za-z0-9_]+",
     input:
         poison=f"{RESULTS}/{{dataset}}/{{attack}}/poison-seed{{seed}}.h5",
         model=f"{RESULTS}/{RUN}/model.pt",
