@@ -5,7 +5,9 @@ Two parts:
   they are checked without SLURM or a GPU: the GPU rules ask for a GPU, the others do not, and memory
   and runtime grow with each retry;
 - a reduced tiny DAG through a real one-node SLURM cluster (profiles/slurm/local-cluster.sh), every
-  job but the local download checked to have been a completed SLURM job. Skips where SLURM cannot run.
+  job but the local download checked to have been a completed SLURM job, the train job preempted once
+  mid-run (SLURM requeues it) and resumed from its checkpoint to the uninterrupted model. Skips where
+  SLURM cannot run.
 """
 
 import json
@@ -14,6 +16,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +47,7 @@ STAGES = [
     ("aggregate", [f"{RESULTS}/summary/rf1024.{ext}" for ext in ("csv", "md", "png", "detection.md")]),
     ("render_trigger", [f"{RESULTS}/figures/rf1024/burst.png"]),
 ]
+EPOCHS = 12  # enough for the train job to be preempted mid-run, ~0.25 s each
 THREADS = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())["threads"]
 SLURM_JOBS = {"generate_rf1024": 1, "poison": 1, "train": 1, "purify": 1, "evaluate": 2, "aggregate": 1,
               "render_trigger": 1}
@@ -57,7 +62,7 @@ def write_config(workdir: Path) -> Path:
     config["attacks"] = {"burst": config["attacks"]["burst"]}
     config["models"] = {"rf_cnn": config["models"]["rf_cnn"]}
     config["defenses"] = {"none": {}, "ft": {"steps": 20}}
-    config["train"] = {**config["train"], "epochs": 3}
+    config["train"] = {**config["train"], "epochs": EPOCHS}
     config["evaluate"] = {"sharpness_samples": 0}
     config["results_dir"] = RESULTS
     config["data_root"] = "data"
@@ -222,17 +227,63 @@ def slurm_cluster():
         pytest.skip(f"the SLURM node has {node_mem} MB, the profile asks for up to {needed} MB per job")
 
 
+def squeue(*args: str) -> list[list[str]]:
+    out = subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, check=True).stdout
+    return [line.split() for line in out.splitlines()]
+
+
+class Preemption(threading.Thread):
+    """Preempts the train job once, as a higher-priority job would: as soon as its first checkpoint
+    exists, `scontrol requeue` kills it and puts it back in the queue. SLURM then holds a requeued job
+    for about two minutes (Reason=BeginTime); the test lets it start at once."""
+
+    def __init__(self, checkpoint: Path, timeout: float = 300):
+        super().__init__(daemon=True)
+        self.checkpoint, self.deadline = checkpoint, time.monotonic() + timeout
+        self.job_id: str | None = None
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self.job_id = self._requeue_after_first_checkpoint()
+            while squeue("-j", self.job_id, "-o", "%T") != [["PENDING"]]:
+                self._wait()
+            subprocess.run(["scontrol", "update", f"jobid={self.job_id}", "StartTime=now"], check=True,
+                           capture_output=True)
+        except Exception as error:  # reported by the test, which cannot see this thread's exceptions
+            self.error = repr(error)
+
+    def _requeue_after_first_checkpoint(self) -> str:
+        while True:
+            if self.checkpoint.exists():
+                running = [job for job, comment in squeue("-t", "RUNNING", "-o", "%i %k")
+                           if comment.startswith("rule_train")]
+                if running:
+                    subprocess.run(["scontrol", "requeue", running[0]], check=True, capture_output=True)
+                    return running[0]
+            self._wait()
+
+    def _wait(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"gave up waiting for the train job (checkpoint {self.checkpoint}, "
+                               f"job {self.job_id})")
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("slurm")
     write_config(workdir)
+    preemption = Preemption(workdir / RUN / "checkpoint.pt")
+    preemption.start()
     # The CPU overlay because the local node has no GPU. Successful jobs' SLURM logs are kept to be
     # checked; short status-check intervals keep the six job waves within a few minutes.
     done = snakemake(workdir, [PROFILE, CPU_PROFILE], "--slurm-keep-successful-logs",
                      "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
                      env=clean_env(), timeout=540)
+    preemption.join(timeout=10)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    return workdir, done.stdout + done.stderr
+    return workdir, done.stdout + done.stderr, preemption
 
 
 def scontrol_job(job_id: str) -> dict:
@@ -242,7 +293,7 @@ def scontrol_job(job_id: str) -> dict:
 
 
 def test_the_dag_completes_through_the_slurm_profile(slurm_run):
-    workdir, _ = slurm_run
+    workdir, _, _ = slurm_run
     for name, outputs in STAGES:
         for out in outputs:
             assert (workdir / out).stat().st_size > 0, out
@@ -254,7 +305,7 @@ def test_the_dag_completes_through_the_slurm_profile(slurm_run):
 
 
 def test_every_job_but_download_ran_as_a_completed_slurm_job(slurm_run):
-    workdir, log = slurm_run
+    workdir, log, _ = slurm_run
     run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
     submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.", log)
     rules = [Path(path).relative_to(workdir / ".snakemake/slurm_logs").parts[0].removeprefix("rule_")
@@ -273,7 +324,34 @@ def test_every_job_but_download_ran_as_a_completed_slurm_job(slurm_run):
 
 
 def test_download_ran_on_the_submitting_host(slurm_run):
-    workdir, log = slurm_run
+    workdir, log, _ = slurm_run
     assert "localrule download:" in log
     assert not (workdir / ".snakemake/slurm_logs/rule_download").exists()
     assert (workdir / "data/rf1024/manifest.json").stat().st_size > 0
+
+
+def test_preempted_training_resumes_from_its_checkpoint_to_the_uninterrupted_model(slurm_run, tmp_path):
+    import torch
+
+    from pipeline_pkg import stages
+    from pipeline_pkg.config import load
+
+    workdir, log, preemption = slurm_run
+    assert preemption.error is None, preemption.error
+    train_job = re.search(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: \S+/rule_train/", log).group(1)
+    assert preemption.job_id == train_job
+    job = scontrol_job(train_job)
+    assert job["Restarts"] == "1" and job["JobState"] == "COMPLETED", job
+    # The second run of the job picked up where the first was killed, part-way through.
+    train_log = (workdir / RESULTS / "logs/train/rf1024/burst/rf_cnn/seed0.log").read_text()
+    resumed = re.search(r"resumed from \S+checkpoint\.pt after epoch (\d+)", train_log)
+    assert resumed and 1 <= int(resumed.group(1)) < EPOCHS, train_log[-3000:]
+    assert not (workdir / RUN / "checkpoint.pt").exists()
+    # ... and ended where an uninterrupted training does, bit for bit on CPU.
+    reference = tmp_path / "model.pt"
+    stages.train(load(workdir / "config.yaml"), "rf1024", "burst", "rf_cnn", 0,
+                 workdir / RESULTS / "rf1024/burst/poison-seed0.h5", reference)
+    resumed_state = torch.load(workdir / RUN / "model.pt", weights_only=True)["model"]
+    uninterrupted = torch.load(reference, weights_only=True)["model"]
+    assert resumed_state.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed_state[k], uninterrupted[k]) for k in resumed_state)
