@@ -1,6 +1,7 @@
 """The config is checked at start-up: shape by the JSON schema, names by the registries."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -100,7 +101,7 @@ def test_per_dataset_overrides_and_their_errors(repo):
         validate(config)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "cifar10.yaml", "modelnet40.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "config").glob("*.yaml")))
 def test_shipped_configs_validate(repo, name):
     config = load(repo / "config" / name)
     assert config["datasets"] and config["defenses"]

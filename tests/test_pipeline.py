@@ -276,3 +276,17 @@ def test_each_backdoor_gets_a_picture_of_its_trigger(run):
     for dataset, attack in [("rf1024", "burst"), ("digits", "badnets"), ("shapes", "pointba_i")]:
         assert (results / "figures" / dataset / f"{attack}.png").read_bytes().startswith(b"\x89PNG")
     assert not (results / "figures/rf1024/none.png").exists()
+
+
+def test_a_config_file_given_on_the_command_line_replaces_the_default(repo, tmp_path):
+    # Merged into config/config.yaml (Snakemake's default), config/modelnet40.yaml would also run the
+    # default's rf1024, digits and shapes grids.
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile",
+                          "config/detection.yaml", "--config", f"results_dir={tmp_path / 'r'}",
+                          f"data_root={tmp_path / 'd'}"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    results = tmp_path / "r"
+    assert f"{results}/shapes/pointba_o/pointnet/seed0/detect-activation_clustering/metrics.json" in dry.stdout
+    assert "/wanet/" not in dry.stdout  # an attack of the default config only
+    assert "purify" not in dry.stdout.split("Job stats:")[1].split("\n\n")[0]  # detection.yaml defends nothing
