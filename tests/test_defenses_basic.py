@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline_pkg.configurable import ConfigError
+from pipeline_pkg.trainer import TrainingDiverged
 from pipeline_pkg.defenses.base import Defense
 from pipeline_pkg.registry import DEFENSES
 from tiny import clean_budget, tiny_rf_cnn
@@ -31,7 +32,7 @@ def clean():
 
 def make(name: str, **params) -> Defense:
     defaults = {"ft": {"steps": 5, "batch_size": 8},
-                "fip": {"steps": 5, "fisher_every": 2, "batch_size": 8}}[name]
+                "fip": {"steps": 5, "fisher_every": 2, "batch_size": 8}}.get(name, {"batch_size": 8})
     return DEFENSES.get(name)(**{**defaults, **params})
 
 
@@ -122,10 +123,28 @@ def test_fip_without_trace_or_retention_is_plain_sgd_finetuning(backdoored, clea
     ("fip", {"probes": 0}, "probes"),
     ("fip", {"fisher_every": 0}, "fisher_every"),
     ("ft", {"bn_stats": "train"}, "bn_stats"),
+    ("ft", {"max_grad_norm": 0}, "max_grad_norm"),
+    ("nad", {"max_grad_norm": -1}, "max_grad_norm"),
+    ("ftsam", {"max_grad_norm": 0}, "max_grad_norm"),
 ])
 def test_bad_hyper_parameters(name, params, key):
     with pytest.raises(ConfigError, match=rf"parameter {key}="):
         DEFENSES.get(name)(**params)
+
+
+@pytest.mark.parametrize("name", ["ft", "nad", "ftsam"])
+def test_max_grad_norm_bounds_each_step(name, backdoored, clean):
+    # Plain SGD steps at this learning rate throw the weights out (as on an Adam-trained PointNet);
+    # clipped, each step moves the weights by at most lr · max_grad_norm (plus momentum's carry).
+    steps = {"steps": 3, "teacher_steps": 1} if name == "nad" else {"steps": 3}
+    with pytest.raises(TrainingDiverged):
+        make(name, lr=1e6, momentum=0.0, weight_decay=0.0, **steps).purify(copy.deepcopy(backdoored), *clean,
+                                                                           seed=0)
+    model = copy.deepcopy(backdoored)
+    before = parameters(model)
+    make(name, lr=1e6, momentum=0.0, weight_decay=0.0, max_grad_norm=1e-6, **steps).purify(model, *clean, seed=0)
+    moved = torch.sqrt(sum(((v - before[k]) ** 2).sum() for k, v in parameters(model).items()))
+    assert 0 < moved <= 3 * 1e6 * 1e-6 * (1 + 1e-4)
 
 
 def test_unknown_hyper_parameter_named():

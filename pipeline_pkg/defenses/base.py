@@ -88,6 +88,12 @@ class Defense(Configurable):
         for key in keys:
             self.require(float(self.params[key]) >= 0, key, "must be ≥ 0")
 
+    def positive_or_none(self, *keys: str) -> None:
+        """For optional limits such as max_grad_norm: null switches them off."""
+        for key in keys:
+            value = self.params[key]
+            self.require(value is None or float(value) > 0, key, "must be null (off) or positive")
+
 
 def freeze_all_but(model: nn.Module, trainable: list[nn.Parameter]) -> None:
     keep = {id(p) for p in trainable}

@@ -22,8 +22,7 @@ class FineTuning(Defense):
     def check_method(self) -> None:
         self.positive("steps", "lr", "batch_size")
         self.non_negative("momentum", "weight_decay")
-        self.require(self.max_grad_norm is None or float(self.max_grad_norm) > 0, "max_grad_norm",
-                     "must be positive or null")
+        self.positive_or_none("max_grad_norm")
 
     def purify(self, model, x, y, *, seed, log=lambda m, s: None):
         self.train_mode(model)

@@ -22,12 +22,13 @@ class FineTuningSAM(Defense):
     # Plain SAM with a small radius by default: on the RF models, ASAM with the paper-scale radius
     # (ρ ≥ 0.5) collapsed or diverged (README, benchmarks/purify_sweep.py).
     method_defaults = {"steps": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
-                       "rho": 0.05, "adaptive": False}
+                       "rho": 0.05, "adaptive": False, "max_grad_norm": None}
 
     def check_method(self) -> None:
         self.positive("steps", "lr", "batch_size", "rho")
         self.non_negative("momentum", "weight_decay")
         self.require(isinstance(self.adaptive, bool), "adaptive", "must be true or false")
+        self.positive_or_none("max_grad_norm")
 
     def loss(self, model, xb, yb, where: str) -> torch.Tensor:
         with autocast(xb.device):
@@ -67,6 +68,8 @@ class FineTuningSAM(Defense):
             with torch.no_grad():
                 for p, e in zip(params, perturbation):
                     p.sub_(e)
+            if self.max_grad_norm is not None:  # the perturbed point's gradient, as ft clips its own
+                torch.nn.utils.clip_grad_norm_(params, float(self.max_grad_norm))
             optimizer.step()
             scheduler.step()
             if step % int(self.log_every) == 0:

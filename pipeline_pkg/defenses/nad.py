@@ -154,7 +154,8 @@ class FeatureRecorder:
 @DEFENSES.register("nad")
 class NeuralAttentionDistillation(Defense):
     method_defaults = {"teacher_steps": 100, "steps": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-                       "batch_size": 128, "beta": 10.0, "p": 2.0, "n_layers": 3, "layers": None}
+                       "batch_size": 128, "beta": 10.0, "p": 2.0, "n_layers": 3, "layers": None,
+                       "max_grad_norm": None}
 
     def check_method(self) -> None:
         for key in ("teacher_steps", "steps", "batch_size", "n_layers"):
@@ -168,6 +169,7 @@ class NeuralAttentionDistillation(Defense):
         self.positive("steps", "lr", "batch_size", "p", "n_layers")
         self.non_negative("teacher_steps", "momentum", "weight_decay", "beta")
         self.require(float(self.momentum) < 1, "momentum", "must be < 1")
+        self.positive_or_none("max_grad_norm")
         layers = self.layers
         self.require(layers is None or (isinstance(layers, (list, tuple)) and len(layers) > 0
                                         and all(isinstance(n, str) and n for n in layers)),
@@ -197,7 +199,8 @@ class NeuralAttentionDistillation(Defense):
         if int(self.teacher_steps) > 0:
             DEFENSES.get("ft")(steps=int(self.teacher_steps), lr=float(self.lr), momentum=float(self.momentum),
                                weight_decay=float(self.weight_decay), batch_size=int(self.batch_size),
-                               bn_stats=self.bn_stats).purify(teacher, x, y, seed=seed)
+                               bn_stats=self.bn_stats, max_grad_norm=self.max_grad_norm).purify(teacher, x, y,
+                                                                                                seed=seed)
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher.eval()
@@ -229,7 +232,7 @@ class NeuralAttentionDistillation(Defense):
                     ce = F.cross_entropy(model(xb), yb)
                 at = sum(attention_loss(f_s, f_t, p) for f_s, f_t in zip(student_rec.take(), teacher_rec.take()))
                 loss = ce + beta * at
-                guarded_step(optimizer, loss, f"{self.name} step {step}")
+                guarded_step(optimizer, loss, f"{self.name} step {step}", max_grad_norm=self.max_grad_norm)
                 scheduler.step()
                 if step % int(self.log_every) == 0:
                     log({"loss": loss.item(), "ce": ce.item(), "at": float(at.detach())}, step)
