@@ -246,18 +246,22 @@ class Preemption(threading.Thread):
     def run(self) -> None:
         try:
             self.job_id = self._requeue_after_first_checkpoint()
-            while squeue("-j", self.job_id, "-o", "%T") != [["PENDING"]]:
+            # Killed (COMPLETING), then back in the queue; a SLURM that does not hold requeued jobs may
+            # already have started it again, which needs nothing more.
+            while (state := squeue("-j", self.job_id, "-o", "%T")) in ([["COMPLETING"]], [["REQUEUED"]]):
                 self._wait()
-            subprocess.run(["scontrol", "update", f"jobid={self.job_id}", "StartTime=now"], check=True,
-                           capture_output=True)
+            if state == [["PENDING"]]:
+                subprocess.run(["scontrol", "update", f"jobid={self.job_id}", "StartTime=now"], check=True,
+                               capture_output=True)
         except Exception as error:  # reported by the test, which cannot see this thread's exceptions
             self.error = repr(error)
 
     def _requeue_after_first_checkpoint(self) -> str:
         while True:
             if self.checkpoint.exists():
-                running = [job for job, comment in squeue("-t", "RUNNING", "-o", "%i %k")
-                           if comment.startswith("rule_train")]
+                # The plugin names each job's rule in its comment (%k).
+                running = [job for job, *comment in squeue("-t", "RUNNING", "-o", "%i %k")
+                           if comment and comment[0].startswith("rule_train")]
                 if running:
                     subprocess.run(["scontrol", "requeue", running[0]], check=True, capture_output=True)
                     return running[0]
