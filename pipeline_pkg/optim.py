@@ -24,7 +24,8 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRSchedule", "LambdaLR", "Cosin
 
 
 class Optimizer:
-    """Parameter groups, per-parameter state, zero_grad and (de)serialisation; subclasses add `step`."""
+    """Parameter groups, per-parameter state, zero_grad, (de)serialisation and the step loop over groups;
+    subclasses add `_update`, one group's update."""
 
     defaults: dict[str, Any]
 
@@ -106,10 +107,16 @@ class Optimizer:
             return value.detach().to(device=param.device, dtype=param.dtype, copy=True)
         return value
 
-    @staticmethod
-    def _with_grads(group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = [p for p in group["params"] if p.grad is not None]
-        return params, [p.grad for p in params]
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every group's parameters that have a gradient."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params, [p.grad for p in params])
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        raise NotImplementedError
 
 
 class SGD(Optimizer):
@@ -125,30 +132,25 @@ class SGD(Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
                                   "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            params, grads = self._with_grads(group)
-            if not params:
-                continue
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            if weight_decay != 0:
-                grads = torch._foreach_add(grads, params, alpha=weight_decay)
-            if momentum != 0:
-                buffers = [self.state.setdefault(p, {}).get("momentum_buffer") for p in params]
-                continuing = [i for i, buf in enumerate(buffers) if buf is not None]
-                if continuing:
-                    torch._foreach_mul_([buffers[i] for i in continuing], momentum)
-                    torch._foreach_add_([buffers[i] for i in continuing], [grads[i] for i in continuing])
-                for i, buf in enumerate(buffers):
-                    if buf is None:  # torch's first step: the buffer starts as the gradient itself
-                        buffers[i] = self.state[params[i]]["momentum_buffer"] = grads[i].detach().clone()
-                if group["nesterov"]:
-                    # Out of place: p.grad must stay the gradient (torch's single-tensor path leaves it).
-                    grads = torch._foreach_add(grads, buffers, alpha=momentum)
-                else:
-                    grads = buffers
-            torch._foreach_add_(params, grads, alpha=-lr)
+    def _update(self, group, params, grads) -> None:
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        if momentum != 0:
+            buffers = [self.state.setdefault(p, {}).get("momentum_buffer") for p in params]
+            continuing = [i for i, buf in enumerate(buffers) if buf is not None]
+            if continuing:
+                torch._foreach_mul_([buffers[i] for i in continuing], momentum)
+                torch._foreach_add_([buffers[i] for i in continuing], [grads[i] for i in continuing])
+            for i, buf in enumerate(buffers):
+                if buf is None:  # torch's first step: the buffer starts as the gradient itself
+                    buffers[i] = self.state[params[i]]["momentum_buffer"] = grads[i].detach().clone()
+            if group["nesterov"]:
+                # Out of place: p.grad must stay the gradient (torch's single-tensor path leaves it).
+                grads = torch._foreach_add(grads, buffers, alpha=momentum)
+            else:
+                grads = buffers
+        torch._foreach_add_(params, grads, alpha=-lr)
 
 
 class Adam(Optimizer):
@@ -165,37 +167,32 @@ class Adam(Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                                   "decoupled_weight_decay": decoupled_weight_decay})
 
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            params, grads = self._with_grads(group)
-            if not params:
-                continue
-            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            states = []
-            for p in params:
-                state = self.state.setdefault(p, {})
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                                 exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-                state["step"] += 1
-                states.append(state)
-            exp_avgs = [s["exp_avg"] for s in states]
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            if weight_decay != 0:
-                if group["decoupled_weight_decay"]:
-                    torch._foreach_mul_(params, 1 - lr * weight_decay)
-                else:
-                    grads = torch._foreach_add(grads, params, alpha=weight_decay)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-            # Bias corrections in Python floats, in torch's order of operations.
-            step_sizes = [-(lr / (1 - beta1 ** s["step"])) for s in states]
-            denominators = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denominators, [(1 - beta2 ** s["step"]) ** 0.5 for s in states])
-            torch._foreach_add_(denominators, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
+    def _update(self, group, params, grads) -> None:
+        lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = []
+        for p in params:
+            state = self.state.setdefault(p, {})
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["step"] += 1
+            states.append(state)
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        if weight_decay != 0:
+            if group["decoupled_weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * weight_decay)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        # Bias corrections in Python floats, in torch's order of operations.
+        step_sizes = [-(lr / (1 - beta1 ** s["step"])) for s in states]
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, [(1 - beta2 ** s["step"]) ** 0.5 for s in states])
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
 
 
 class AdamW(Adam):
