@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, paths
 from .attacks import Attack
 from .config import clean_budget_settings, component, train_settings
 from .datasets.base import Dataset
@@ -229,8 +229,6 @@ def load_model(config: dict, path: str | Path, device: torch.device) -> tuple[Cl
 def load_trained(config: dict, dataset: str, attack: str, arch: str, seed: int,
                  device: torch.device) -> tuple[dict[str, torch.Tensor], Classifier]:
     """The poison-stage tensors and the trained (undefended) model of one run, from the results folder."""
-    from . import paths
-
     results = config["results_dir"]
     data, _ = load_poisoned(paths.poison_file(results, dataset, attack, seed), device)
     model, _ = load_model(config, paths.train_dir(results, dataset, attack, arch, seed) / "model.pt", device)
@@ -451,7 +449,7 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
     them from its metrics.json (`undefended_metrics`) instead of measuring the same model again. `none`
     has no purify job: its `purified_model` is the trained model and it has no `purify_report` (None),
     so it reports 0 s of purification and 0 trainable parameters."""
-    if purify_report is None and defense != "none":
+    if purify_report is None and defense != paths.NO_DEFENSE:
         raise ValueError(f"evaluate {defense!r}: no purify report given; only `none` has none, every other "
                          "method's evaluation needs the purify.json its purify (or retrain) job wrote")
     device = start_job(config, seed)
