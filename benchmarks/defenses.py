@@ -50,10 +50,9 @@ def main(config_path, dataset, attack, arch, seed, defenses, params, repeats, th
     before = {**attack_metrics(backdoored, data), **sharpness(backdoored, *probe, iterations=10, probes=1)}
     rows = [("undefended", 0.0, 0, before)]
     for name in names:
-        settings = {**config["defenses"].get(name, {}), **overrides.get(name, {})}
         seconds = []
         for _ in range(repeats):
-            defense = DEFENSES.get(name)(**settings)
+            defense = stages.make_defense(config, dataset, name, overrides.get(name, {}))
             purified, elapsed = stages.timed_purify(defense, copy.deepcopy(backdoored), x, y, seed)
             seconds.append(elapsed)
         metrics = {**attack_metrics(purified, data), **sharpness(purified, *probe, iterations=10, probes=1)}

@@ -1,5 +1,6 @@
-"""Run one defense with given hyper-parameters on a model the pipeline trained, and print ACC/ASR/RA
-before and after with the wall time: the tool behind the README's FIP measurements.
+"""Run one defense on a model the pipeline trained, with the config's hyper-parameters overridden by
+--params, and print ACC/ASR/RA before and after with the wall time: the tool behind the README's FIP
+measurements. --clean-augment overrides the dataset's clean_budget.augment (comma-separated; "" for none).
 
     python benchmarks/purify_sweep.py --attack burst --defense fip --params '{"steps": 300}'
 
@@ -15,7 +16,6 @@ import click
 from pipeline_pkg import stages
 from pipeline_pkg.config import clean_budget_settings, load
 from pipeline_pkg.evaluator import attack_metrics
-from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.runtime import pick_device, seed_everything
 
 
@@ -27,18 +27,23 @@ from pipeline_pkg.runtime import pick_device, seed_everything
 @click.option("--seed", default=0, show_default=True)
 @click.option("--defense", default="fip", show_default=True)
 @click.option("--params", default="{}", help="the defense's hyper-parameters as JSON")
+@click.option("--clean-augment", default=None, help="e.g. rotate,roll,conjugate; default: the config's")
 @click.option("--threads", default=1, show_default=True)
-def main(config_path, dataset, attack, arch, seed, defense, params, threads) -> None:
+def main(config_path, dataset, attack, arch, seed, defense, params, clean_augment, threads) -> None:
     config = load(config_path)
+    if clean_augment is not None:
+        budget = config["datasets"][dataset].setdefault("clean_budget", {})
+        budget["augment"] = [name for name in clean_augment.split(",") if name]
     device = pick_device(config["device"])
     seed_everything(seed, threads)
     data, model = stages.load_trained(config, dataset, attack, arch, seed, device)
     before = attack_metrics(model, data)
-    method = DEFENSES.get(defense)(**json.loads(params))
+    method = stages.make_defense(config, dataset, defense, json.loads(params))
     x, y = stages.clean_budget(data, clean_budget_settings(config, dataset), seed)
     purified, seconds = stages.timed_purify(method, model, x, y, seed)
     after = attack_metrics(purified, data)
     click.echo(json.dumps({"attack": attack, "defense": defense, "params": json.loads(params),
+                           "clean_augment": method.clean_augment,
                            "before": before, "after": after, "seconds": round(seconds, 1)}))
 
 

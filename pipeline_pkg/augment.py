@@ -1,9 +1,12 @@
 """Data augmentation as batched tensor operations on the device: no per-sample Python in the training
 loop. Images (N, C, H, W), uint8 or float: random crop with zero padding, horizontal flip. Point clouds
-(N, P, 3): random anisotropic scale, shift and clipped jitter, the usual PointNet/DGCNN recipe."""
+(N, P, 3): random anisotropic scale, shift and clipped jitter, the usual PointNet/DGCNN recipe. I/Q frames
+(N, 2, L): random carrier phase, circular time shift and spectrum mirror, each of which leaves the
+modulation class unchanged."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -55,8 +58,35 @@ def random_jitter(x: torch.Tensor, generator: torch.Generator, sigma: float = 0.
     return x + (sigma * noise).clamp(-clip, clip)
 
 
+def random_rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each I/Q frame by a uniform random carrier phase."""
+    theta = uniform((len(x), 1), 0.0, 2 * math.pi, generator, x.device).to(x.dtype)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    i, q = x[:, 0], x[:, 1]
+    return torch.stack([i * cos - q * sin, i * sin + q * cos], dim=1)
+
+
+def random_roll(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift each I/Q frame circularly in time by a uniform random number of samples."""
+    length = x.shape[-1]
+    shift = torch.randint(0, length, (len(x),), generator=generator, device=generator.device).to(x.device)
+    index = (torch.arange(length, device=x.device)[None] + shift[:, None]) % length
+    return torch.gather(x, 2, index[:, None].expand(-1, x.shape[1], -1))
+
+
+def random_conjugate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Complex-conjugate each I/Q frame (mirror its spectrum) with probability 1/2."""
+    mirror = torch.rand((len(x),), generator=generator, device=generator.device).to(x.device) < 0.5
+    sign = torch.where(mirror, -1.0, 1.0).to(x.dtype)
+    return torch.stack([x[:, 0], x[:, 1] * sign[:, None]], dim=1)
+
+
 AUGMENTATIONS = {"crop": random_crop, "flip": random_flip,
-                 "scale": random_scale, "shift": random_shift, "jitter": random_jitter}
+                 "scale": random_scale, "shift": random_shift, "jitter": random_jitter,
+                 "rotate": random_rotate, "roll": random_roll, "conjugate": random_conjugate}
+# The augmentations that make sense for each modality's data layout.
+MODALITY_AUGMENTATIONS = {"image": ("crop", "flip"), "pointcloud": ("scale", "shift", "jitter"),
+                          "rf": ("rotate", "roll", "conjugate")}
 
 
 def augmenter(names: Sequence[str], device: torch.device, seed: int):

@@ -91,6 +91,13 @@ def check_names(config: dict) -> None:
                 raise ConfigError(f"datasets.{ds_name}.{section}: {unknown} are not configured under "
                                   f"`{section}` (configured: {sorted(config[section])}); add them there first")
         modality = DATASETS.get(ds_name).modality
+        from .augment import MODALITY_AUGMENTATIONS
+
+        valid = MODALITY_AUGMENTATIONS.get(modality, ())
+        wrong = [a for a in clean_budget_settings(config, ds_name).get("augment", []) if a not in valid]
+        if wrong:
+            raise ConfigError(f"datasets.{ds_name}.clean_budget.augment: {wrong} are not augmentations of "
+                              f"{modality!r} data; valid: {list(valid)}")
         misfits = [d for d in entry.get("defenses") or [] if modality not in DEFENSES.get(d).modalities]
         if misfits:
             raise ConfigError(f"datasets.{ds_name}.defenses: {misfits} only work on "
@@ -141,6 +148,12 @@ def clean_budget_settings(config: dict, dataset: str) -> dict:
     """The clean budget of one dataset: the `clean_budget` section, overridden by
     datasets.<name>.clean_budget (1% of a 1,347-image set is 13 images; of RF1024, 80 frames)."""
     return {**config["clean_budget"], **config["datasets"][dataset].get("clean_budget", {})}
+
+
+def clean_pool_settings(config: dict, dataset: str) -> dict:
+    """The clean-budget settings that decide which samples are held out, without `augment`, which only
+    the defenses use: changing it reruns the purify jobs, not the poisoning and training."""
+    return {k: v for k, v in clean_budget_settings(config, dataset).items() if k != "augment"}
 
 
 def train_settings(config: dict, dataset: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -91,10 +91,13 @@ def minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.
 
 
 class InfiniteBatches:
-    """Endless shuffled batches of a small clean budget, for step-based defenses."""
+    """Endless shuffled batches of a small clean budget, for step-based defenses; `augment`, if given,
+    maps each batch of inputs to an augmented one (pipeline_pkg.augment.augmenter)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.x, self.y = x, y
+        self.augment = augment
         self.batch_size = min(batch_size, len(x))
         self.seed = seed
         self.epoch = 0
@@ -110,6 +113,8 @@ class InfiniteBatches:
                 self._iter = minibatches(self.x, self.y, self.batch_size, order, training=True)
                 self.epoch += 1
             try:
-                return next(self._iter)
+                xb, yb = next(self._iter)
             except StopIteration:
                 self._iter = None
+                continue
+            return (self.augment(xb) if self.augment is not None else xb), yb

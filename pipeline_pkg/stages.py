@@ -7,14 +7,14 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import __version__, paths
 from .attacks import Attack
-from .config import clean_budget_settings, component, train_settings
+from .config import clean_budget_settings, clean_pool_settings, component, train_settings
 from .datasets.base import Dataset
 from .evaluator import attack_metrics, defense_effectiveness
 from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5, write_json
@@ -23,6 +23,9 @@ from .registry import ATTACKS, DATASETS, DEFENSES, DETECTORS, MODELS
 from .runtime import pick_device, seed_everything, set_precision
 from .sharpness import sharpness
 from .trainer import fit, settings_hash
+
+if TYPE_CHECKING:
+    from .defenses.base import Defense
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
         "dataset": {"name": dataset, **dataset_obj(config, dataset).params},
         "data_seed": config["data_seed"],
         "attack": {"name": attack, **component(ATTACKS, attack, config["attacks"].get(attack), "attacks").params},
-        "clean_budget": clean_budget_settings(config, dataset),
+        "clean_budget": clean_pool_settings(config, dataset),
     }
     if arch is not None:
         settings["arch"] = {"name": arch, **component(MODELS, arch, config["models"].get(arch), "models").params}
@@ -85,6 +88,7 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
     elif defense is not None:
         settings["defense"] = {"name": defense,
                                **component(DEFENSES, defense, config["defenses"].get(defense), "defenses").params}
+        settings["clean_budget"] = clean_budget_settings(config, dataset)
     return settings
 
 
@@ -158,7 +162,7 @@ def poison(config: dict, dataset: str, attack: str, seed: int, data_file: str | 
     atk = attack_obj(config, attack, attrs["modality"])
     rng = np.random.default_rng(seed)
     x_train, y_train = arrays["x_train"], arrays["y_train"]
-    budget = clean_budget_settings(config, dataset)
+    budget = clean_pool_settings(config, dataset)
     val_idx = stratified_holdout(y_train, float(budget["fraction"]), rng)
     rest = np.setdiff1d(np.arange(len(y_train)), val_idx)
     atk.fit(x_train[rest], y_train[rest], num_classes, seed)
@@ -392,6 +396,15 @@ def retrain(config: dict, dataset: str, attack: str, arch: str, seed: int, detec
 
 # --- purify ---
 
+def make_defense(config: dict, dataset: str, defense: str, overrides: dict | None = None) -> Defense:
+    """The configured defense (hyper-parameters from `defenses.<name>`, then `overrides`), set to augment
+    its clean-budget batches with the dataset's clean_budget.augment."""
+    method = component(DEFENSES, defense, {**(config["defenses"].get(defense) or {}), **(overrides or {})},
+                       f"defenses.{defense}")
+    method.clean_augment = list(clean_budget_settings(config, dataset).get("augment", []))
+    return method
+
+
 def timed_purify(method, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
                  log=None) -> tuple[torch.nn.Module, float]:
     """Run one defense and measure its wall time; on a GPU the clock waits for queued kernels on
@@ -413,7 +426,7 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
     device = start_job(config, seed)
     data, _ = load_poisoned(poison_file, device)
     model, meta = load_model(config, model_in, device)
-    method = component(DEFENSES, defense, config["defenses"].get(defense), f"defenses.{defense}")
+    method = make_defense(config, dataset, defense)
     x_clean, y_clean = clean_budget(data, clean_budget_settings(config, dataset), seed)
     resolved = {**job_settings(config, dataset, attack, arch, defense), "seed": seed}
     run_tags = tags("purify", dataset, attack, arch, seed, defense)

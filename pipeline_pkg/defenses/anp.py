@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from ..evaluator import accuracy
 from ..optim import SGD
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import check_finite, guarded_step
 from .base import Defense
 from .nft import masked_layers
@@ -204,7 +204,7 @@ class AdversarialNeuronPruning(Defense):
             noises = [s.noise for s in scales] + [s.noise for s in shifts]
             self.tunable_parameters = sum(m.numel() for m in masks)
             optimizer = SGD(masks, lr=float(self.lr), momentum=float(self.momentum))
-            batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+            batches = self.batches(x, y, seed)
             gen = torch.Generator().manual_seed(seed)
             self.train_mode(model)
             for step in range(int(self.steps)):

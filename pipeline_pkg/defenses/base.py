@@ -10,7 +10,9 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from ..augment import augmenter
 from ..configurable import Configurable
+from ..runtime import InfiniteBatches
 
 # How normalisation layers behave while a defense trains: keep the running statistics ("frozen"), use
 # batch statistics and update the running ones ("update"), or use batch statistics but keep the running
@@ -45,6 +47,15 @@ class Defense(Configurable):
     def __init__(self, **params):
         super().__init__(**params)
         self.tunable_parameters = 0
+        # Augmentations for the clean-budget batches: the dataset's `clean_augment`, set by the purify
+        # stage (a property of the data, not of the method, so not a hyper-parameter).
+        self.clean_augment: list[str] = []
+
+    def batches(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> InfiniteBatches:
+        """Endless shuffled batches of `batch_size` from the clean budget, augmented with
+        `clean_augment`, both drawn from `seed`."""
+        augment = augmenter(self.clean_augment, x.device, seed) if self.clean_augment else None
+        return InfiniteBatches(x, y, int(self.params["batch_size"]), seed, augment=augment)
 
     def purify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int,
                log: MetricLogger = _no_logging) -> nn.Module:

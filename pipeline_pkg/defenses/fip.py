@@ -12,7 +12,7 @@ from torch import nn
 
 from ..optim import SGD
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import guarded_step
 from .base import Defense
 from .fisher import diagonal_fisher, fisher_trace_estimate, retention_penalty
@@ -44,7 +44,7 @@ class FisherInformationPurification(Defense):
         fisher = diagonal_fisher(model, x, params, gen) if float(self.eta_r) > 0 else None
         optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
                         weight_decay=float(self.weight_decay))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
         self.train_mode(model)
         for step in range(int(self.steps)):
             xb, yb = next(batches)

@@ -16,7 +16,7 @@ from torch.nn.utils import prune
 from ..evaluator import accuracy
 from ..optim import SGD
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import guarded_step
 from .base import Defense
 
@@ -68,7 +68,7 @@ class FinePruning(Defense):
         self.tunable_parameters = sum(p.numel() for p in params)
         optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
                         weight_decay=float(self.weight_decay))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
         self.train_mode(model)
         for step_index in range(int(self.steps)):
             xb, yb = next(batches)

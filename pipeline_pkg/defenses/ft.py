@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ..models import count_parameters
 from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import guarded_step
 from .base import Defense
 
@@ -33,7 +33,7 @@ class FineTuning(Defense):
         optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
                         weight_decay=float(self.weight_decay))
         scheduler = CosineAnnealingLR(optimizer, int(self.steps))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
         for step in range(int(self.steps)):
             xb, yb = next(batches)
             with autocast(x.device):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import check_finite
 from .base import Defense
 
@@ -54,7 +54,7 @@ class FineTuningSAM(Defense):
         optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
                         weight_decay=float(self.weight_decay))
         scheduler = CosineAnnealingLR(optimizer, int(self.steps))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
         self.train_mode(model)
         for step in range(int(self.steps)):
             xb, yb = next(batches)

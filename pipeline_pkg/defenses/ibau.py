@@ -55,7 +55,7 @@ from torch import nn
 
 from ..optim import Adam
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import check_finite
 from .base import Defense
 
@@ -168,7 +168,7 @@ class IBAU(Defense):
             p.requires_grad_(True)
         self.tunable_parameters = sum(p.numel() for p in params)
         optimizer = Adam(params, lr=float(self.lr))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
         radius = float(self.eps) * data_norm(x)
         reg, cw = float(self.inner_reg), float(self.clean_weight)
         neumann = int(self.neumann_steps) if self.hypergradient else 0

@@ -50,7 +50,7 @@ from ..configurable import ConfigError
 from ..models import count_parameters
 from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import guarded_step
 from .base import Defense
 
@@ -197,10 +197,12 @@ class NeuralAttentionDistillation(Defense):
     def train_teacher(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
         teacher = copy.deepcopy(model)
         if int(self.teacher_steps) > 0:
-            DEFENSES.get("ft")(steps=int(self.teacher_steps), lr=float(self.lr), momentum=float(self.momentum),
-                               weight_decay=float(self.weight_decay), batch_size=int(self.batch_size),
-                               bn_stats=self.bn_stats, max_grad_norm=self.max_grad_norm).purify(teacher, x, y,
-                                                                                                seed=seed)
+            tuner = DEFENSES.get("ft")(steps=int(self.teacher_steps), lr=float(self.lr),
+                                       momentum=float(self.momentum), weight_decay=float(self.weight_decay),
+                                       batch_size=int(self.batch_size), bn_stats=self.bn_stats,
+                                       max_grad_norm=self.max_grad_norm)
+            tuner.clean_augment = self.clean_augment
+            tuner.purify(teacher, x, y, seed=seed)
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher.eval()
@@ -221,7 +223,7 @@ class NeuralAttentionDistillation(Defense):
         optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
                         weight_decay=float(self.weight_decay))
         scheduler = CosineAnnealingLR(optimizer, int(self.steps))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
         student_rec, teacher_rec = FeatureRecorder(model, names), FeatureRecorder(teacher, names)
         try:
             for step in range(int(self.steps)):

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import guarded_step
 from .base import Defense
 
@@ -118,7 +118,7 @@ class NeuralMaskFineTuning(Defense):
             reg_weight = float(self.c) / samples_per_class
             optimizer = SGD(masks, lr=float(self.lr), momentum=float(self.momentum))
             scheduler = CosineAnnealingLR(optimizer, int(self.steps))
-            batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+            batches = self.batches(x, y, seed)
             gen = torch.Generator().manual_seed(seed)
             self.train_mode(model)
             for step in range(int(self.steps)):

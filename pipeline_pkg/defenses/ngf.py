@@ -29,7 +29,7 @@ from torch import nn
 
 from ..optim import SGD
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import check_finite
 from .base import Defense, freeze_all_but
 from .fisher import diagonal_fisher, retention_penalty, sampled_log_likelihood
@@ -122,7 +122,7 @@ class NaturalGradientFineTuning(Defense):
         fisher = diagonal_fisher(model, x, params, gen) if float(self.eta_r) > 0 else None
         self.factors = factors = KroneckerFactors(layer, float(self.factor_decay))
         optimizer = SGD(params, lr=lr, momentum=float(self.momentum))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
 
         captured: dict[str, torch.Tensor] = {}
 

@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 from ..evaluator import accuracy
 from ..optim import SGD
 from ..registry import DEFENSES
-from ..runtime import InfiniteBatches, autocast
+from ..runtime import autocast
 from ..trainer import guarded_step
 from .base import Defense, freeze_all_but
 from .nft import ChannelMask, masked_layers
@@ -120,7 +120,7 @@ class ReconstructiveNeuronPruning(Defense):
             p.requires_grad_(True)
         optimizer = SGD(params, lr=float(self.unlearn_lr), momentum=float(self.unlearn_momentum),
                         weight_decay=float(self.unlearn_weight_decay))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed)
+        batches = self.batches(x, y, seed)
         floor = float(self.unlearn_floor)
         self.train_mode(copy_)
         acc = budget_accuracy(copy_, x, y)
@@ -156,7 +156,7 @@ class ReconstructiveNeuronPruning(Defense):
         freeze_all_but(unlearned, masks)
         self.tunable_parameters = sum(m.numel() for m in masks)
         optimizer = SGD(masks, lr=float(self.recover_lr), momentum=float(self.recover_momentum))
-        batches = InfiniteBatches(x, y, int(self.batch_size), seed + 1)
+        batches = self.batches(x, y, seed + 1)
         self.train_mode(unlearned)
         try:
             for step in range(int(self.recover_steps)):
