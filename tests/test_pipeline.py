@@ -290,3 +290,26 @@ def test_a_config_file_given_on_the_command_line_replaces_the_default(repo, tmp_
     assert f"{results}/shapes/pointba_o/pointnet/seed0/detect-activation_clustering/metrics.json" in dry.stdout
     assert "/wanet/" not in dry.stdout  # an attack of the default config only
     assert "purify" not in dry.stdout.split("Job stats:")[1].split("\n\n")[0]  # detection.yaml defends nothing
+
+
+def test_the_fip_benchmarks_run_on_the_pipeline_s_models(run):
+    """benchmarks/purify_sweep.py and fip_gradient_scale.py read a trained model the way the jobs do."""
+    repo, workdir, results = run
+    config = str(results / "config.yaml")
+    sweep = subprocess.run([sys.executable, str(repo / "benchmarks/purify_sweep.py"), "--config", config,
+                            "--params", '{"steps": 3}', "--clean-augment", "roll"],
+                           cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    report = json.loads(sweep.stdout.strip().splitlines()[-1])
+    assert report["clean_augment"] == ["roll"] and report["params"] == {"steps": 3}
+    assert 0 <= report["after"]["asr"] <= 1 and report["before"]["asr"] > 0.5
+    out = workdir / "fip-gradient-scale.md"
+    scale = subprocess.run([sys.executable, str(repo / "benchmarks/fip_gradient_scale.py"), "--config", config,
+                            "--draws", "2", "--out", str(out)],
+                           cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert scale.returncode == 0, scale.stderr[-3000:]
+    table = out.read_text()
+    assert "clean_budget.augment ['rotate', 'roll', 'conjugate']" in table
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()
+            if line.startswith("| ‖") or line.startswith("| Tr") or line.startswith("| η")}
+    assert set(rows) == {"‖∇CE‖", "Tr(F) estimate", "η_F·‖∇Tr(F)‖"} and all(v > 0 for v in rows.values())
