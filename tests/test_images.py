@@ -67,7 +67,7 @@ def test_flip_mirrors_about_half_of_the_batch_and_augmentation_is_seeded():
     b = augmenter(["crop", "flip"], torch.device("cpu"), seed=5)(x)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="unknown augmentation"):
-        augmenter(["rotate"], torch.device("cpu"), 0)
+        augmenter(["spin"], torch.device("cpu"), 0)
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
