@@ -62,6 +62,8 @@ def component(registry, name: str, params: dict | None, where: str):
 
 
 def check_names(config: dict) -> None:
+    from .augment import MODALITY_AUGMENTATIONS  # here: it imports torch, which reading a config needs not
+
     for ds_name, entry in config["datasets"].items():
         dataset = component(DATASETS, ds_name, entry.get("params"), f"datasets.{ds_name}")
         for arch in entry["archs"]:
@@ -91,8 +93,6 @@ def check_names(config: dict) -> None:
                 raise ConfigError(f"datasets.{ds_name}.{section}: {unknown} are not configured under "
                                   f"`{section}` (configured: {sorted(config[section])}); add them there first")
         modality = DATASETS.get(ds_name).modality
-        from .augment import MODALITY_AUGMENTATIONS
-
         valid = MODALITY_AUGMENTATIONS.get(modality, ())
         wrong = [a for a in clean_budget_settings(config, ds_name).get("augment", []) if a not in valid]
         if wrong:

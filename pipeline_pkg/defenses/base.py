@@ -47,8 +47,8 @@ class Defense(Configurable):
     def __init__(self, **params):
         super().__init__(**params)
         self.tunable_parameters = 0
-        # Augmentations for the clean-budget batches: the dataset's `clean_augment`, set by the purify
-        # stage (a property of the data, not of the method, so not a hyper-parameter).
+        # Augmentation names for the clean-budget batches: the dataset's `clean_budget.augment`, set by
+        # stages.make_defense (a property of the data, not of the method, so not a hyper-parameter).
         self.clean_augment: list[str] = []
 
     def batches(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> InfiniteBatches:
