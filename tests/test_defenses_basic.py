@@ -113,7 +113,21 @@ def test_fip_without_trace_or_retention_is_plain_sgd_finetuning(backdoored, clea
     assert any(not torch.equal(before[k], v) for k, v in parameters(model).items())
 
 
+def test_fip_per_parameter_trace_is_the_trace_divided_by_the_tuned_values(backdoored, clean):
+    """trace_per_parameter with η_F equals the summed trace with η_F / (tuned values), step for step."""
+    n = sum(p.numel() for p in backdoored.parameters())
+    common = dict(steps=3, fisher_every=1, eta_r=0.0, max_grad_norm=1e9, lr=0.01)
+    per_parameter = make("fip", eta_f=2.0, trace_per_parameter=True, **common).purify(
+        copy.deepcopy(backdoored), *clean, seed=0)
+    summed = make("fip", eta_f=2.0 / n, **common).purify(copy.deepcopy(backdoored), *clean, seed=0)
+    plain = make("fip", eta_f=2.0, **common).purify(copy.deepcopy(backdoored), *clean, seed=0)
+    for k, v in parameters(per_parameter).items():
+        torch.testing.assert_close(v, parameters(summed)[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(v, parameters(plain)[k]) for k, v in parameters(per_parameter).items())
+
+
 @pytest.mark.parametrize("name, params, key", [
+    ("fip", {"trace_per_parameter": "yes"}, "trace_per_parameter"),
     ("ft", {"lr": -1}, "lr"),
     ("ft", {"steps": 0}, "steps"),
     ("ft", {"momentum": -0.1}, "momentum"),
