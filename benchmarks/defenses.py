@@ -18,31 +18,23 @@ import click
 import torch
 
 from pipeline_pkg import stages
-from pipeline_pkg.config import clean_budget_settings, load
+from pipeline_pkg.config import load
 from pipeline_pkg.evaluator import attack_metrics
 from pipeline_pkg.registry import DEFENSES
-from pipeline_pkg.runtime import pick_device, seed_everything
 from pipeline_pkg.sharpness import sharpness
 from report import publish  # benchmarks/report.py: scripts run from this folder
+from trained_run import open_run, run_options  # benchmarks/trained_run.py
 
 
 @click.command()
-@click.option("--config", "config_path", default="config/config.yaml", show_default=True)
-@click.option("--dataset", default="rf1024", show_default=True)
-@click.option("--attack", default="burst", show_default=True)
-@click.option("--arch", default="rf_cnn", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@run_options
 @click.option("--defenses", default="", help="comma-separated names (default: every registered defense)")
 @click.option("--params", default="{}", help='JSON {defense: {param: value}} overriding the config')
 @click.option("--repeats", default=1, show_default=True, help="timed runs per defense (median reported)")
-@click.option("--threads", default=1, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Markdown file to write")
 def main(config_path, dataset, attack, arch, seed, defenses, params, repeats, threads, out) -> None:
     config = load(config_path)
-    device = pick_device(config["device"])
-    seed_everything(seed, threads)
-    data, backdoored = stages.load_trained(config, dataset, attack, arch, seed, device)
-    x, y = stages.clean_budget(data, clean_budget_settings(config, dataset), seed)
+    device, data, backdoored, x, y = open_run(config, dataset, attack, arch, seed, threads)
     probe = (data["x_test"][:256], data["y_test"][:256])
     overrides = json.loads(params)
     names = [n for n in defenses.split(",") if n] or DEFENSES.names()

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline_pkg import stages
-from pipeline_pkg.config import clean_budget_settings, load
+from pipeline_pkg.config import load
 from pipeline_pkg.defenses.fisher import fisher_trace_estimate
-from pipeline_pkg.runtime import pick_device, seed_everything
 from report import publish  # benchmarks/report.py: scripts run from this folder
+from trained_run import open_run, run_options  # benchmarks/trained_run.py
 
 
 def norm(grads) -> float:
@@ -27,21 +27,13 @@ def norm(grads) -> float:
 
 
 @click.command()
-@click.option("--config", "config_path", default="config/config.yaml", show_default=True)
-@click.option("--dataset", default="rf1024", show_default=True)
-@click.option("--attack", default="burst", show_default=True)
-@click.option("--arch", default="rf_cnn", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@run_options
 @click.option("--draws", default=10, show_default=True, help="batches to measure")
-@click.option("--threads", default=1, show_default=True)
 @click.option("--out", default=None, help="also write the table here")
 def main(config_path, dataset, attack, arch, seed, draws, threads, out) -> None:
     config = load(config_path)
-    device = pick_device(config["device"])
-    seed_everything(seed, threads)
-    data, model = stages.load_trained(config, dataset, attack, arch, seed, device)
+    _, data, model, x, y = open_run(config, dataset, attack, arch, seed, threads)
     fip = stages.make_defense(config, dataset, "fip")
-    x, y = stages.clean_budget(data, clean_budget_settings(config, dataset), seed)
     params = fip.trainable(model)
     fip.train_mode(model)
     batches = fip.batches(x, y, seed)

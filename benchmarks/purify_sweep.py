@@ -14,32 +14,24 @@ import json
 import click
 
 from pipeline_pkg import stages
-from pipeline_pkg.config import clean_budget_settings, load
+from pipeline_pkg.config import load
 from pipeline_pkg.evaluator import attack_metrics
-from pipeline_pkg.runtime import pick_device, seed_everything
+from trained_run import open_run, run_options  # benchmarks/trained_run.py: scripts run from this folder
 
 
 @click.command()
-@click.option("--config", "config_path", default="config/config.yaml", show_default=True)
-@click.option("--dataset", default="rf1024", show_default=True)
-@click.option("--attack", default="burst", show_default=True)
-@click.option("--arch", default="rf_cnn", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@run_options
 @click.option("--defense", default="fip", show_default=True)
 @click.option("--params", default="{}", help="the defense's hyper-parameters as JSON")
 @click.option("--clean-augment", default=None, help="e.g. rotate,roll,conjugate; default: the config's")
-@click.option("--threads", default=1, show_default=True)
 def main(config_path, dataset, attack, arch, seed, defense, params, clean_augment, threads) -> None:
     config = load(config_path)
     if clean_augment is not None:
         budget = config["datasets"][dataset].setdefault("clean_budget", {})
         budget["augment"] = [name for name in clean_augment.split(",") if name]
-    device = pick_device(config["device"])
-    seed_everything(seed, threads)
-    data, model = stages.load_trained(config, dataset, attack, arch, seed, device)
+    _, data, model, x, y = open_run(config, dataset, attack, arch, seed, threads)
     before = attack_metrics(model, data)
     method = stages.make_defense(config, dataset, defense, json.loads(params))
-    x, y = stages.clean_budget(data, clean_budget_settings(config, dataset), seed)
     purified, seconds = stages.timed_purify(method, model, x, y, seed)
     after = attack_metrics(purified, data)
     click.echo(json.dumps({"attack": attack, "defense": defense, "params": json.loads(params),
