@@ -1,8 +1,8 @@
 """Data augmentation as batched tensor operations on the device: no per-sample Python in the training
 loop. Images (N, C, H, W), uint8 or float: random crop with zero padding, horizontal flip. Point clouds
 (N, P, 3): random anisotropic scale, shift and clipped jitter, the usual PointNet/DGCNN recipe. I/Q frames
-(N, 2, L): random carrier phase, circular time shift and spectrum mirror, each of which leaves the
-modulation class unchanged."""
+(N, 2, L): random carrier phase, circular time shift, spectrum mirror, carrier frequency offset and
+added noise, each of which leaves the modulation class unchanged."""
 
 from __future__ import annotations
 
@@ -58,12 +58,16 @@ def random_jitter(x: torch.Tensor, generator: torch.Generator, sigma: float = 0.
     return x + (sigma * noise).clamp(-clip, clip)
 
 
-def random_rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Rotate each I/Q frame by a uniform random carrier phase."""
-    theta = uniform((len(x), 1), 0.0, 2 * math.pi, generator, x.device).to(x.dtype)
-    cos, sin = torch.cos(theta), torch.sin(theta)
+def rotate_iq(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Multiply I/Q frames (N, 2, L) by e^{j·angle}; `angle` broadcasts against (N, L)."""
+    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
     i, q = x[:, 0], x[:, 1]
     return torch.stack([i * cos - q * sin, i * sin + q * cos], dim=1)
+
+
+def random_rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each I/Q frame by a uniform random carrier phase."""
+    return rotate_iq(x, uniform((len(x), 1), 0.0, 2 * math.pi, generator, x.device))
 
 
 def random_roll(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -81,12 +85,28 @@ def random_conjugate(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.stack([x[:, 0], x[:, 1] * sign[:, None]], dim=1)
 
 
+def random_cfo(x: torch.Tensor, generator: torch.Generator, max_cfo: float = 0.002) -> torch.Tensor:
+    """Add a carrier frequency offset drawn from [-max_cfo, max_cfo] cycles/sample to each I/Q frame
+    (RF1024's own channel draws its offsets from that range)."""
+    cfo = uniform((len(x), 1), -max_cfo, max_cfo, generator, x.device)
+    return rotate_iq(x, 2 * math.pi * cfo * torch.arange(x.shape[-1], device=x.device))
+
+
+def random_noise(x: torch.Tensor, generator: torch.Generator, max_variance: float = 0.1) -> torch.Tensor:
+    """Add complex white Gaussian noise of a variance drawn from [0, max_variance] to each unit-power I/Q
+    frame and rescale it to unit power: a 20 dB frame falls to 9.5 dB at most, a 0 dB one by 0.8 dB at most."""
+    variance = uniform((len(x), 1, 1), 0.0, max_variance, generator, x.device)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    return ((x + noise * (variance / 2).sqrt()) / (1 + variance).sqrt()).to(x.dtype)
+
+
 AUGMENTATIONS = {"crop": random_crop, "flip": random_flip,
                  "scale": random_scale, "shift": random_shift, "jitter": random_jitter,
-                 "rotate": random_rotate, "roll": random_roll, "conjugate": random_conjugate}
+                 "rotate": random_rotate, "roll": random_roll, "conjugate": random_conjugate,
+                 "cfo": random_cfo, "noise": random_noise}
 # The augmentations that make sense for each modality's data layout.
 MODALITY_AUGMENTATIONS = {"image": ("crop", "flip"), "pointcloud": ("scale", "shift", "jitter"),
-                          "rf": ("rotate", "roll", "conjugate")}
+                          "rf": ("rotate", "roll", "conjugate", "cfo", "noise")}
 
 
 def augmenter(names: Sequence[str], device: torch.device, seed: int):

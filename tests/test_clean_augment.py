@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from pipeline_pkg import stages
-from pipeline_pkg.augment import MODALITY_AUGMENTATIONS, augmenter, random_conjugate, random_roll, random_rotate
+from pipeline_pkg.augment import (MODALITY_AUGMENTATIONS, augmenter, random_cfo, random_conjugate, random_noise,
+                                  random_roll, random_rotate)
 from pipeline_pkg.config import ConfigError, validate
 from pipeline_pkg.registry import DEFENSES
 from pipeline_pkg.runtime import InfiniteBatches
@@ -52,6 +53,35 @@ def test_conjugate_negates_q_of_about_half_the_frames_and_leaves_the_rest():
     mirrored = (out[:, 1] == -x[:, 1]).all(1)
     kept = (out[:, 1] == x[:, 1]).all(1)
     assert bool((mirrored | kept).all()) and 20 < int(mirrored.sum()) < 44
+
+
+def test_cfo_turns_each_frame_at_its_own_constant_rate_within_the_bound():
+    x = frames()
+    out = random_cfo(x, torch.Generator().manual_seed(0), max_cfo=0.002)
+    torch.testing.assert_close((out ** 2).sum(1), (x ** 2).sum(1))
+    # out = x·e^{j2πfn}: the phase added at sample n is 2πfn, a line through 0 of slope 2πf per frame.
+    z_in, z_out = torch.complex(x[:, 0], x[:, 1]), torch.complex(out[:, 0], out[:, 1])
+    added = torch.angle(z_out * z_in.conj())
+    n = torch.arange(L, dtype=torch.float32)
+    rate = added[:, 1:2] / (2 * torch.pi)  # cycles per sample, from the first step
+    torch.testing.assert_close(added, 2 * torch.pi * rate * n, atol=1e-4, rtol=0)
+    assert rate.abs().max() <= 0.002 + 1e-6 and len(set(rate.flatten().round(decimals=6).tolist())) == len(x)
+
+
+def test_noise_lowers_the_snr_by_a_bounded_seeded_amount_and_keeps_unit_power():
+    # Unit power and no noise; long frames, so that the added noise's estimated variance is exact to ~0.005.
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.complex(torch.randn(256, 4096, generator=gen), torch.randn(256, 4096, generator=gen)) / 2 ** 0.5
+    x = torch.stack([clean.real, clean.imag], 1)
+    out = random_noise(x, torch.Generator().manual_seed(0), max_variance=0.1)
+    assert torch.equal(out, random_noise(x, torch.Generator().manual_seed(0), max_variance=0.1))
+    assert abs(float((out ** 2).sum(1).mean()) - 1.0) < 0.02
+    # out = (x + noise)/sqrt(1 + v): what is left after taking out the part along x has power v/(1 + v).
+    along = (x * out).sum((1, 2), keepdim=True) / (x * x).sum((1, 2), keepdim=True)
+    leftover = ((out - along * x) ** 2).sum(1).mean(1)
+    variance = leftover / (1 - leftover)
+    assert float(variance.min()) > -0.01 and float(variance.max()) < 0.11
+    assert float(variance.min()) < 0.01 and float(variance.max()) > 0.09
 
 
 def test_infinite_batches_apply_the_augmentation_to_every_batch():
@@ -113,7 +143,7 @@ def test_config_accepts_the_modality_s_augmentations_and_names_the_valid_ones_ot
     assert stages.make_defense(checked, "digits", "fip").clean_augment == []
     config["datasets"]["rf1024"]["clean_budget"] = {"augment": ["crop"]}
     with pytest.raises(ConfigError, match=r"datasets.rf1024.clean_budget.augment: \['crop'\] .*'rf'.*"
-                                          r"\['rotate', 'roll', 'conjugate'\]"):
+                                          r"\['rotate', 'roll', 'conjugate', 'cfo', 'noise'\]"):
         validate(config)
     assert MODALITY_AUGMENTATIONS["image"] == ("crop", "flip")
 
