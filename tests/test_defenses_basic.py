@@ -126,8 +126,24 @@ def test_fip_per_parameter_trace_is_the_trace_divided_by_the_tuned_values(backdo
     assert any(not torch.allclose(v, parameters(plain)[k]) for k, v in parameters(per_parameter).items())
 
 
+def test_fip_cosine_schedule_halves_the_second_of_two_steps(backdoored, clean):
+    """lr_schedule cosine over 2 steps: the first at lr, the second at lr·(1 + cos(π/2))/2 = lr/2. Every
+    batch is the whole clean set and BN is frozen, so each step's gradient depends on the weights alone."""
+    # In float64, so that the clean set's order within a batch changes no bit that the tolerance sees.
+    model, x, y = copy.deepcopy(backdoored).double(), clean[0].double(), clean[1]
+    common = dict(eta_f=0.0, eta_r=0.0, momentum=0.0, max_grad_norm=1e9, batch_size=len(x))
+    cosine = make("fip", steps=2, lr=0.02, lr_schedule="cosine", **common).purify(copy.deepcopy(model), x, y, seed=0)
+    first = make("fip", steps=1, lr=0.02, **common).purify(copy.deepcopy(model), x, y, seed=0)
+    by_hand = make("fip", steps=1, lr=0.01, **common).purify(first, x, y, seed=0)
+    constant = make("fip", steps=2, lr=0.02, **common).purify(copy.deepcopy(model), x, y, seed=0)
+    for k, v in parameters(cosine).items():
+        torch.testing.assert_close(v, parameters(by_hand)[k], rtol=1e-12, atol=1e-12)
+    assert max(float((v - parameters(constant)[k]).abs().max()) for k, v in parameters(cosine).items()) > 1e-4
+
+
 @pytest.mark.parametrize("name, params, key", [
     ("fip", {"trace_per_parameter": "yes"}, "trace_per_parameter"),
+    ("fip", {"lr_schedule": "linear"}, "lr_schedule"),
     ("ft", {"lr": -1}, "lr"),
     ("ft", {"steps": 0}, "steps"),
     ("ft", {"momentum": -0.1}, "momentum"),

@@ -15,25 +15,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim import SGD
+from ..optim import SGD, CosineAnnealingLR
 from ..registry import DEFENSES
 from ..runtime import autocast
 from ..trainer import guarded_step
 from .base import Defense
 from .fisher import diagonal_fisher, fisher_trace_estimate, retention_penalty
 
+# The paper's code keeps the learning rate constant; "cosine" anneals it to 0 over `steps`, as `ft` does,
+# so that the last steps settle instead of leaving the weights wherever a large step put them.
+LR_SCHEDULES = {"constant": lambda optimizer, steps: None, "cosine": CosineAnnealingLR}
+
 
 @DEFENSES.register("fip")
 class FisherInformationPurification(Defense):
     method_defaults = {"steps": 2000, "lr": 0.005, "momentum": 0.95, "batch_size": 128,
                        "eta_f": 0.5, "eta_r": 1.0, "fisher_every": 5, "probes": 8, "max_grad_norm": 5.0,
-                       "weight_decay": 0.0, "trace_per_parameter": False}
+                       "weight_decay": 0.0, "trace_per_parameter": False, "lr_schedule": "constant"}
 
     def check_method(self) -> None:
         self.positive("steps", "lr", "batch_size", "fisher_every", "probes", "max_grad_norm")
         self.non_negative("momentum", "eta_f", "eta_r", "weight_decay")
         self.require(float(self.momentum) < 1, "momentum", "must be < 1")
         self.require(isinstance(self.trace_per_parameter, bool), "trace_per_parameter", "must be true or false")
+        self.require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {list(LR_SCHEDULES)}")
 
     def trainable(self, model: nn.Module) -> list[torch.Tensor]:
         return [p for p in model.parameters()]
@@ -50,6 +55,7 @@ class FisherInformationPurification(Defense):
         fisher = diagonal_fisher(model, x, params, gen) if float(self.eta_r) > 0 else None
         optimizer = SGD(params, lr=float(self.lr), momentum=float(self.momentum),
                         weight_decay=float(self.weight_decay))
+        scheduler = LR_SCHEDULES[self.lr_schedule](optimizer, int(self.steps))
         batches = self.batches(x, y, seed)
         self.train_mode(model)
         for step in range(int(self.steps)):
@@ -68,6 +74,8 @@ class FisherInformationPurification(Defense):
             # The trace term's gradient is a noisy second-order quantity; clipping keeps one unlucky
             # estimate from throwing the weights out of the basin.
             guarded_step(optimizer, loss, f"{self.name} step {step}", max_grad_norm=float(self.max_grad_norm))
+            if scheduler is not None:
+                scheduler.step()
             if step % int(self.log_every) == 0:
                 log({"loss": loss.item(), "ce": ce.item()}, step)
         for p in model.parameters():
