@@ -92,6 +92,13 @@ def check_names(config: dict) -> None:
             if unknown:
                 raise ConfigError(f"datasets.{ds_name}.{section}: {unknown} are not configured under "
                                   f"`{section}` (configured: {sorted(config[section])}); add them there first")
+        unknown = sorted(set(entry.get("defense_settings", {})) - set(config["defenses"]))
+        if unknown:
+            raise ConfigError(f"datasets.{ds_name}.defense_settings: {unknown} are not configured under "
+                              f"`defenses` (configured: {sorted(config['defenses'])}); add them there first")
+        for name in entry.get("defense_settings", {}):
+            component(DEFENSES, name, defense_settings(config, ds_name, name),
+                      f"datasets.{ds_name}.defense_settings")
         modality = DATASETS.get(ds_name).modality
         valid = MODALITY_AUGMENTATIONS.get(modality, ())
         wrong = [a for a in clean_budget_settings(config, ds_name).get("augment", []) if a not in valid]
@@ -148,6 +155,13 @@ def clean_budget_settings(config: dict, dataset: str) -> dict:
     """The clean budget of one dataset: the `clean_budget` section, overridden by
     datasets.<name>.clean_budget (1% of a 1,347-image set is 13 images; of RF1024, 80 frames)."""
     return {**config["clean_budget"], **config["datasets"][dataset].get("clean_budget", {})}
+
+
+def defense_settings(config: dict, dataset: str, defense: str) -> dict:
+    """One defense's hyper-parameters on one dataset: `defenses.<name>`, overridden by
+    datasets.<dataset>.defense_settings.<name> (an RF model and a digits model rarely want the same steps)."""
+    return {**(config["defenses"].get(defense) or {}),
+            **config["datasets"][dataset].get("defense_settings", {}).get(defense, {})}
 
 
 def clean_pool_settings(config: dict, dataset: str) -> dict:

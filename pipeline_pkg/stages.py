@@ -14,7 +14,7 @@ import torch
 
 from . import __version__, paths
 from .attacks import Attack
-from .config import clean_budget_settings, clean_pool_settings, component, train_settings
+from .config import clean_budget_settings, clean_pool_settings, component, defense_settings, train_settings
 from .datasets.base import Dataset
 from .evaluator import attack_metrics, defense_effectiveness
 from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5, write_json
@@ -87,7 +87,7 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
         settings["detector"] = {"name": detector, **detector_obj(config, detector).params}
     elif defense is not None:
         settings["defense"] = {"name": defense,
-                               **component(DEFENSES, defense, config["defenses"].get(defense), "defenses").params}
+                               **component(DEFENSES, defense, defense_settings(config, dataset, defense), "defenses").params}
         settings["clean_budget"] = clean_budget_settings(config, dataset)
     return settings
 
@@ -397,9 +397,10 @@ def retrain(config: dict, dataset: str, attack: str, arch: str, seed: int, detec
 # --- purify ---
 
 def make_defense(config: dict, dataset: str, defense: str, overrides: dict | None = None) -> Defense:
-    """The configured defense (hyper-parameters from `defenses.<name>`, then `overrides`), set to augment
-    its clean-budget batches with the dataset's clean_budget.augment."""
-    method = component(DEFENSES, defense, {**(config["defenses"].get(defense) or {}), **(overrides or {})},
+    """The configured defense (hyper-parameters from `defenses.<name>`, then the dataset's
+    `defense_settings.<name>`, then `overrides`), set to augment its clean-budget batches with the
+    dataset's clean_budget.augment."""
+    method = component(DEFENSES, defense, {**defense_settings(config, dataset, defense), **(overrides or {})},
                        f"defenses.{defense}")
     method.clean_augment = list(clean_budget_settings(config, dataset).get("augment", []))
     return method

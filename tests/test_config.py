@@ -142,3 +142,26 @@ def test_modelnet40_config_is_the_full_point_cloud_grid(repo):
     assert set(defenses_for(config, "modelnet40")) == set(DEFENSES.names())
     assert set(detectors_for(config, "modelnet40")) == set(DETECTORS.names())
     assert config["attacks"]["pcba"] == {"target": 35, "source": 8, "count": 15}  # chair → toilet
+
+
+def test_per_dataset_defense_settings_override_the_defenses_section(repo):
+    from pipeline_pkg import stages
+
+    config = raw(repo)
+    config["datasets"]["rf1024"]["defense_settings"] = {"fip": {"steps": 7, "lr_schedule": "cosine"}}
+    checked = validate(copy.deepcopy(config))
+    on_rf = stages.make_defense(checked, "rf1024", "fip")
+    assert on_rf.params["steps"] == 7 and on_rf.params["lr_schedule"] == "cosine"
+    on_digits = stages.make_defense(checked, "digits", "fip")
+    assert on_digits.params["steps"] == 250 and on_digits.params["lr_schedule"] == "constant"
+    assert stages.make_defense(checked, "rf1024", "fip", {"steps": 9}).params["steps"] == 9
+    # The purify job's settings (its MLflow params and rerun trigger) carry the override; training does not.
+    assert stages.job_settings(checked, "rf1024", "burst", "rf_cnn", "fip")["defense"]["steps"] == 7
+    assert "defense" not in stages.job_settings(checked, "rf1024", "burst", "rf_cnn")
+
+    for settings, message in (({"anp": {}}, r"defense_settings: \['anp'\] are not configured under `defenses`"),
+                              ({"fip": {"stepz": 1}}, r"datasets.rf1024.defense_settings.*stepz"),
+                              ({"fip": {"lr_schedule": "linear"}}, r"lr_schedule.*\['constant', 'cosine'\]")):
+        config["datasets"]["rf1024"]["defense_settings"] = settings
+        with pytest.raises(ConfigError, match=message):
+            validate(copy.deepcopy(config))
