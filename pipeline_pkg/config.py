@@ -92,10 +92,8 @@ def check_names(config: dict) -> None:
             if unknown:
                 raise ConfigError(f"datasets.{ds_name}.{section}: {unknown} are not configured under "
                                   f"`{section}` (configured: {sorted(config[section])}); add them there first")
-        unknown = sorted(set(entry.get("defense_settings", {})) - set(config["defenses"]))
-        if unknown:
-            raise ConfigError(f"datasets.{ds_name}.defense_settings: {unknown} are not configured under "
-                              f"`defenses` (configured: {sorted(config['defenses'])}); add them there first")
+        # Settings of a defense the config does not run are checked but unused: a config that drops a
+        # defense from `defenses` need not also strip it from every dataset.
         for name in entry.get("defense_settings", {}):
             component(DEFENSES, name, defense_settings(config, ds_name, name),
                       f"datasets.{ds_name}.defense_settings")

@@ -159,9 +159,12 @@ def test_per_dataset_defense_settings_override_the_defenses_section(repo):
     assert stages.job_settings(checked, "rf1024", "burst", "rf_cnn", "fip")["defense"]["steps"] == 7
     assert "defense" not in stages.job_settings(checked, "rf1024", "burst", "rf_cnn")
 
-    for settings, message in (({"anp": {}}, r"defense_settings: \['anp'\] are not configured under `defenses`"),
+    for settings, message in (({"fipp": {}}, r"defense_settings: unknown defense 'fipp'; valid .*fast_fip, fip, fp"),
                               ({"fip": {"stepz": 1}}, r"datasets.rf1024.defense_settings.*stepz"),
                               ({"fip": {"lr_schedule": "linear"}}, r"lr_schedule.*\['constant', 'cosine'\]")):
         config["datasets"]["rf1024"]["defense_settings"] = settings
         with pytest.raises(ConfigError, match=message):
             validate(copy.deepcopy(config))
+    # Settings of a defense the config does not run are checked, and unused.
+    config["datasets"]["rf1024"]["defense_settings"] = {"anp": {"steps": 3}}
+    assert stages.make_defense(validate(copy.deepcopy(config)), "rf1024", "anp").params["steps"] == 3

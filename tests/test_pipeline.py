@@ -309,7 +309,7 @@ def test_the_fip_benchmarks_run_on_the_pipeline_s_models(run):
                            cwd=workdir, capture_output=True, text=True, timeout=300)
     assert scale.returncode == 0, scale.stderr[-3000:]
     table = out.read_text()
-    assert "clean_budget.augment ['rotate', 'roll', 'conjugate']" in table
+    assert "clean_budget.augment ['rotate', 'roll', 'conjugate', 'cfo', 'noise']" in table
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()
             if line.startswith("| ‖") or line.startswith("| Tr") or line.startswith("| η")}
     assert set(rows) == {"‖∇CE‖", "Tr(F) estimate", "η_F·‖∇Tr(F)‖"} and all(v > 0 for v in rows.values())
