@@ -86,8 +86,7 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
         detector = detector_of(defense)
         settings["detector"] = {"name": detector, **detector_obj(config, detector).params}
     elif defense is not None:
-        settings["defense"] = {"name": defense,
-                               **component(DEFENSES, defense, defense_settings(config, dataset, defense), "defenses").params}
+        settings["defense"] = {"name": defense, **make_defense(config, dataset, defense).params}
         settings["clean_budget"] = clean_budget_settings(config, dataset)
     return settings
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim import SGD, CosineAnnealingLR
+from ..optim import SGD, CosineAnnealingLR, LambdaLR
 from ..registry import DEFENSES
 from ..runtime import autocast
 from ..trainer import guarded_step
@@ -24,7 +24,8 @@ from .fisher import diagonal_fisher, fisher_trace_estimate, retention_penalty
 
 # The paper's code keeps the learning rate constant; "cosine" anneals it to 0 over `steps`, as `ft` does,
 # so that the last steps settle instead of leaving the weights wherever a large step put them.
-LR_SCHEDULES = {"constant": lambda optimizer, steps: None, "cosine": CosineAnnealingLR}
+LR_SCHEDULES = {"constant": lambda optimizer, steps: LambdaLR(optimizer, lambda t: 1.0),
+                "cosine": CosineAnnealingLR}
 
 
 @DEFENSES.register("fip")
@@ -74,8 +75,7 @@ class FisherInformationPurification(Defense):
             # The trace term's gradient is a noisy second-order quantity; clipping keeps one unlucky
             # estimate from throwing the weights out of the basin.
             guarded_step(optimizer, loss, f"{self.name} step {step}", max_grad_norm=float(self.max_grad_norm))
-            if scheduler is not None:
-                scheduler.step()
+            scheduler.step()
             if step % int(self.log_every) == 0:
                 log({"loss": loss.item(), "ce": ce.item()}, step)
         for p in model.parameters():
