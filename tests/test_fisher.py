@@ -48,15 +48,17 @@ def exact_fisher(model: nn.Module, x: torch.Tensor, params) -> tuple[float, list
 
 
 def test_trace_estimate_is_unbiased():
+    """The mean of single-probe estimates matches the exact trace, enumerated over classes, within 5%
+    (1,500 draws of a relative spread ~0.5: the mean's own error is ~1.3%)."""
     model, x = tiny_model(), tiny_inputs()
     params = list(model.parameters())
     exact, _ = exact_fisher(model, x, params)
     assert exact > 0
     gen = torch.Generator().manual_seed(123)
-    draws = torch.tensor([float(fisher_trace_estimate(model(x), params, gen, probes=8).detach())
-                          for _ in range(1200)])
+    draws = torch.tensor([float(fisher_trace_estimate(model(x), params, gen, probes=1).detach())
+                          for _ in range(1500)])
     assert torch.all(draws >= 0), "a sum of squares"
-    assert float(draws.mean()) == pytest.approx(exact, rel=0.1)
+    assert float(draws.mean()) == pytest.approx(exact, rel=0.05)
 
 
 def test_trace_estimate_more_probes_same_mean_less_spread():
@@ -65,11 +67,62 @@ def test_trace_estimate_more_probes_same_mean_less_spread():
     exact, _ = exact_fisher(model, x, params)
     gen = torch.Generator().manual_seed(5)
     few = torch.tensor([float(fisher_trace_estimate(model(x), params, gen, probes=1).detach())
-                        for _ in range(600)])
-    many = torch.tensor([float(fisher_trace_estimate(model(x), params, gen, probes=16).detach())
-                         for _ in range(600)])
+                        for _ in range(300)])
+    many = torch.tensor([float(fisher_trace_estimate(model(x), params, gen, probes=4).detach())
+                         for _ in range(300)])
     assert float(many.mean()) == pytest.approx(exact, rel=0.1)
-    assert float(many.std()) < float(few.std())
+    assert float(many.std()) < 0.7 * float(few.std())  # ~1/√4 in theory
+
+
+def test_trace_estimate_has_no_heavy_tail_on_a_confident_model():
+    """A model sure of its top class: squaring ∇log p of a label drawn from p (the earlier estimate) lets a
+    rare draw, ~10⁴× the typical one, decide the value, so its draws range over orders of magnitude.
+    Projected through the softmax, every draw stays within a small factor of the exact trace."""
+    model, x = tiny_model(4), tiny_inputs(5)
+    with torch.no_grad():
+        model[2].weight.mul_(60)
+    params = list(model.parameters())
+    exact, _ = exact_fisher(model, x, params)
+    with torch.no_grad():
+        assert float(torch.softmax(model(x), 1).max(1).values.min()) > 0.9, "the premise: a confident model"
+    gen = torch.Generator().manual_seed(6)
+    draws = torch.tensor([float(fisher_trace_estimate(model(x), params, gen, probes=1).detach())
+                          for _ in range(300)])
+    assert float(draws.mean()) == pytest.approx(exact, rel=0.1)
+    assert float(draws.max()) < 3 * exact
+    sampled = []  # the sampled-label estimate: same mean, but its typical draw is far below it
+    for _ in range(300):
+        grads = torch.autograd.grad(sampled_log_likelihood(model(x), gen).sum(), params)
+        sampled.append(float(sum((g ** 2).sum() for g in grads)) / len(x))
+    sampled = torch.tensor(sampled)
+    assert float(sampled.max()) > 10 * exact and float(sampled.median()) < 0.2 * exact
+
+
+def test_trace_estimate_gradient_is_unbiased():
+    """E[∇ estimate] = ∇Tr(F): the softmax weights stay in the graph, so the gradient also follows p."""
+    model, x = tiny_model(6), tiny_inputs(7)
+    params = list(model.parameters())
+
+    def exact_trace() -> torch.Tensor:
+        probs = torch.softmax(model(x), dim=1)
+        total = 0.0
+        for i in range(len(x)):
+            for c in range(N_CLASSES):
+                log_p = F.log_softmax(model(x[i:i + 1]), dim=1)[0, c]
+                grads = torch.autograd.grad(log_p, params, create_graph=True)
+                total = total + probs[i, c] * sum((g ** 2).sum() for g in grads)
+        return total / len(x)
+
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact_trace(), params)])
+    gen = torch.Generator().manual_seed(8)
+    mean = torch.zeros_like(exact)
+    draws = 800
+    for _ in range(draws):
+        grads = torch.autograd.grad(fisher_trace_estimate(model(x), params, gen, probes=1), params)
+        mean += torch.cat([g.flatten() for g in grads]) / draws
+    assert float((mean - exact).norm() / exact.norm()) < 0.1
+    # Without the softmax's own derivative (p detached) the gradient would miss that part.
+    assert float(torch.nn.functional.cosine_similarity(mean, exact, dim=0)) > 0.99
 
 
 def test_trace_estimate_is_differentiable():
