@@ -14,14 +14,17 @@ import torch
 
 from . import __version__, paths
 from .attacks import Attack
-from .config import clean_budget_settings, clean_pool_settings, component, defense_settings, train_settings
+from .config import (clean_augment, clean_budget_settings, clean_pool_settings, component, defense_settings,
+                     train_settings)
 from .datasets.base import Dataset
 from .evaluator import attack_metrics, defense_effectiveness
 from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5, write_json
 from .models import Classifier, count_parameters
 from .registry import ATTACKS, DATASETS, DEFENSES, DETECTORS, MODELS
 from .runtime import pick_device, seed_everything, set_precision
-from .sharpness import sharpness
+from .sharpness import measure as sharpness
+from .sharpness import sample_count as sharpness_sample_count
+from .sharpness import sample_indices as sharpness_sample_indices
 from .trainer import fit, settings_hash
 
 if TYPE_CHECKING:
@@ -87,7 +90,8 @@ def job_settings(config: dict, dataset: str, attack: str, arch: str | None = Non
         settings["detector"] = {"name": detector, **detector_obj(config, detector).params}
     elif defense is not None:
         settings["defense"] = {"name": defense, **make_defense(config, dataset, defense).params}
-        settings["clean_budget"] = clean_budget_settings(config, dataset)
+        settings["clean_budget"] = {**clean_budget_settings(config, dataset),
+                                    "augment": clean_augment(config, dataset)}
     return settings
 
 
@@ -401,7 +405,7 @@ def make_defense(config: dict, dataset: str, defense: str, overrides: dict | Non
     dataset's clean_budget.augment."""
     method = component(DEFENSES, defense, {**defense_settings(config, dataset, defense), **(overrides or {})},
                        f"defenses.{defense}")
-    method.clean_augment = list(clean_budget_settings(config, dataset).get("augment", []))
+    method.clean_augment = clean_augment(config, dataset)
     return method
 
 
@@ -435,7 +439,7 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
         purified, seconds = timed_purify(method, model, x_clean, y_clean, seed, log=run.log_metrics)
         report = {"purify_seconds": seconds, "trainable_params": int(method.tunable_parameters),
                   "total_params": count_parameters(purified, trainable_only=False),
-                  "clean_samples": len(x_clean)}
+                  "clean_samples": len(x_clean), **method.diagnostics}
         run.log_metrics({k: float(v) for k, v in report.items()})
     if getattr(method, "test_time", False):
         # A test-time defense leaves the weights alone: keep them, and the filter to re-apply on load.
@@ -447,7 +451,10 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
 
 # --- evaluate ---
 
-SHARPNESS_KEYS = ("lambda_max", "hessian_trace")
+# What evaluate's sharpness measurement adds to a metrics dict (pipeline_pkg.sharpness.KEYS): λ_max, Tr(H)
+# and how they were obtained (samples, Hessian-vector products of the power iteration, convergence).
+SHARPNESS_KEYS = ("lambda_max", "hessian_trace", "sharpness_samples", "sharpness_iterations",
+                  "sharpness_converged")
 # What `none` costs, in place of a purify report: it has no purify job and optimises nothing.
 NO_PURIFICATION = {"purify_seconds": 0.0, "trainable_params": 0}
 
@@ -461,20 +468,33 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
     The undefended model's numbers are measured once, by the `none` evaluation: every other method reads
     them from its metrics.json (`undefended_metrics`) instead of measuring the same model again. `none`
     has no purify job: its `purified_model` is the trained model and it has no `purify_report` (None),
-    so it reports 0 s of purification and 0 trainable parameters."""
+    so it reports 0 s of purification and 0 trainable parameters.
+
+    Sharpness (λ_max, Tr(H) and how they were measured: SHARPNESS_KEYS) is measured only by the methods in
+    `evaluate.sharpness_defenses`, the undefended model's only when `none` is among them; the other jobs'
+    results lack those keys."""
     if purify_report is None and defense != paths.NO_DEFENSE:
         raise ValueError(f"evaluate {defense!r}: no purify report given; only `none` has none, every other "
                          "method's evaluation needs the purify.json its purify (or retrain) job wrote")
     device = start_job(config, seed)
     data, _ = load_poisoned(poison_file, device)
     settings = config["evaluate"]
-    n = settings["sharpness_samples"]
-    # The loss surface on clean test data that no defense has seen, before and after purification.
-    x, y = data["x_test"][:n], data["y_test"][:n]
-    measure = {"iterations": settings["power_iterations"], "probes": settings["trace_probes"], "seed": seed}
+    # The loss surface on clean test data that no defense has seen, before and after purification: all
+    # of the test set or a fixed subset of it, the same for every method (pipeline_pkg.sharpness).
+    n = sharpness_sample_count(settings["sharpness_samples"], len(data["x_test"]))
+    idx = sharpness_sample_indices(len(data["x_test"]), n).to(device)
+    x, y = data["x_test"][idx], data["y_test"][idx]
+    measure = {"max_iterations": settings["power_iterations"], "tol": settings["power_tolerance"],
+               "probes": settings["trace_probes"], "batch_size": settings["sharpness_batch"], "seed": seed}
+    # Sharpness costs many Hessian-vector products: only the methods in `sharpness_defenses` measure it
+    # (`none`: the undefended model, hence the `undefended` numbers of every method of the run).
+    methods = settings["sharpness_defenses"]
 
-    def measured(model: Classifier) -> dict[str, float]:
-        return {**attack_metrics(model, data), **(sharpness(model, x, y, **measure) if n > 0 else {})}
+    def wants_sharpness(method: str) -> bool:
+        return n > 0 and (methods == "all" or method_label(method) in methods)
+
+    def measured(model: Classifier, with_sharpness: bool) -> dict[str, float]:
+        return {**attack_metrics(model, data), **(sharpness(model, x, y, **measure) if with_sharpness else {})}
 
     purified, purified_meta = load_model(config, purified_model, device)
     # A test-time defense filters the inputs and leaves the weights, hence the loss surface, as they were.
@@ -484,17 +504,24 @@ def evaluate(config: dict, dataset: str, attack: str, arch: str, seed: int, defe
         # `none` evaluates the trained model file itself: loading it twice would only cost time.
         same_file = Path(purified_model).resolve() == Path(backdoored_model).resolve()
         backdoored = purified if same_file else load_model(config, backdoored_model, device)[0]
-        before = measured(backdoored)
+        before = measured(backdoored, wants_sharpness(paths.NO_DEFENSE))
         unchanged = not test_time and (same_file or all(
             torch.equal(a, b) for a, b in zip(backdoored.state_dict().values(), purified.state_dict().values())))
     else:
         before = read_json(undefended_metrics)["undefended"]
+    measure_after = wants_sharpness(defense)
+    same_weights = unchanged or test_time
     if unchanged:
-        after = dict(before)
+        after = {k: v for k, v in before.items() if k not in SHARPNESS_KEYS}
     elif test_time:
-        after = {**attack_metrics(purified, data), **{k: before[k] for k in SHARPNESS_KEYS if k in before}}
+        after = attack_metrics(purified, data)
     else:
-        after = measured(purified)
+        after = measured(purified, measure_after)
+    if same_weights and measure_after:
+        if "lambda_max" in before:  # the same weights, hence the same loss surface, as measured before
+            after.update({k: before[k] for k in SHARPNESS_KEYS if k in before})
+        else:  # the weights are the backdoored model's (a test-time filter leaves them): measure them bare
+            after.update(sharpness(load_model(config, backdoored_model, device)[0], x, y, **measure))
     report = NO_PURIFICATION if purify_report is None else read_json(purify_report)
     result = {"dataset": dataset, "attack": attack, "arch": arch, "seed": seed, "defense": method_label(defense),
               **after, "der": defense_effectiveness(before, after), "undefended": before,

@@ -69,17 +69,26 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 
 
 def guarded_step(optimizer: Optimizer, loss: torch.Tensor, where: str,
-                 inputs: Sequence[torch.Tensor] | None = None, max_grad_norm: float | None = None) -> None:
+                 inputs: Sequence[torch.Tensor] | None = None, max_grad_norm: float | None = None,
+                 grads: Sequence[torch.Tensor] | None = None) -> torch.Tensor | None:
     """One optimizer step on `loss` (its gradient only for `inputs` when given, its norm over the
     optimizer's parameters clipped to `max_grad_norm` when set), refusing a NaN or infinite loss with
-    a message naming `where`."""
+    a message naming `where`. A caller that took the gradient term by term passes it as `grads` (one per
+    tensor of `inputs`), and `loss` is then only checked. Returns the gradient norm before clipping (a
+    tensor, so a GPU need not wait for it), or None without clipping."""
     check_finite(loss, where)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=None if inputs is None else list(inputs))
+    if grads is None:
+        loss.backward(inputs=None if inputs is None else list(inputs))
+    else:
+        for p, g in zip(inputs, grads, strict=True):
+            p.grad = g
+    norm = None
     if max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm))
     optimizer.step()
+    return norm
 
 
 def warmup_then_decay(optimizer: Optimizer, total_steps: int, warmup_share: float = 0.25) -> LambdaLR:

@@ -85,7 +85,7 @@ def test_registered_with_fip_defaults():
     cls = DEFENSES.get("fast_fip")
     assert issubclass(cls, FisherInformationPurification)
     assert cls.defaults == DEFENSES.get("fip").defaults
-    assert cls.defaults["steps"] == 2000 and cls.defaults["lr"] == 0.005 and cls.defaults["eta_f"] == 0.5
+    assert cls.defaults["steps"] == 2000 and cls.defaults["lr"] == 0.005 and cls.defaults["eta_f"] == 0.001
 
 
 @pytest.mark.parametrize("arch", ["rf_cnn", "conv5", "mixed"])

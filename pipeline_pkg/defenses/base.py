@@ -50,6 +50,8 @@ class Defense(Configurable):
         # Augmentation names for the clean-budget batches: the dataset's `clean_budget.augment`, set by
         # stages.make_defense (a property of the data, not of the method, so not a hyper-parameter).
         self.clean_augment: list[str] = []
+        # What a run of the method measured about itself (e.g. fip's gradient ratio), for the purify report.
+        self.diagnostics: dict[str, float] = {}
 
     def batches(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> InfiniteBatches:
         """Endless shuffled batches of `batch_size` from the clean budget, augmented with
