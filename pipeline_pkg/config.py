@@ -99,7 +99,7 @@ def check_names(config: dict) -> None:
                       f"datasets.{ds_name}.defense_settings")
         modality = DATASETS.get(ds_name).modality
         valid = MODALITY_AUGMENTATIONS.get(modality, ())
-        wrong = [a for a in clean_budget_settings(config, ds_name).get("augment", []) if a not in valid]
+        wrong = [a for a in clean_augment(config, ds_name) if a not in valid]
         if wrong:
             raise ConfigError(f"datasets.{ds_name}.clean_budget.augment: {wrong} are not augmentations of "
                               f"{modality!r} data; valid: {list(valid)}")
@@ -153,6 +153,21 @@ def clean_budget_settings(config: dict, dataset: str) -> dict:
     """The clean budget of one dataset: the `clean_budget` section, overridden by
     datasets.<name>.clean_budget (1% of a 1,347-image set is 13 images; of RF1024, 80 frames)."""
     return {**config["clean_budget"], **config["datasets"][dataset].get("clean_budget", {})}
+
+
+def clean_augment(config: dict, dataset: str) -> list[str]:
+    """The augmentations a dataset's step-based defenses apply to their clean-budget batches:
+    `clean_budget.augment` when set (an empty list turns them off); by default the dataset's own training
+    augmentations (crop for digits, crop and flip for CIFAR-10, scale/shift/jitter for point clouds), or
+    every augmentation of its modality for a dataset that trains without any (RF1024's five). The FIP,
+    NFT and NGF codes all train on their clean split with the training transforms."""
+    names = clean_budget_settings(config, dataset).get("augment")
+    if names is not None:
+        return list(names)
+    from .augment import MODALITY_AUGMENTATIONS  # here: it imports torch, which reading a config needs not
+
+    ds = component(DATASETS, dataset, config["datasets"][dataset].get("params"), f"datasets.{dataset}")
+    return list(ds.params.get("augment") or MODALITY_AUGMENTATIONS.get(ds.modality, ()))
 
 
 def defense_settings(config: dict, dataset: str, defense: str) -> dict:

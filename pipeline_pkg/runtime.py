@@ -90,15 +90,26 @@ def minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.
         yield x[idx], y[idx]
 
 
+def clean_batch_size(batch_size: int, budget: int) -> int:
+    """The batch size a step-based defense draws from a clean budget of `budget` samples: `batch_size`,
+    but at most half the budget. A batch as large as the budget is the same full batch at every step, a
+    gradient the model memorises within a few steps (on 70 digits with batch 128, ‖∇CE‖ fell to 0.0025);
+    halves drawn from a fresh shuffle each epoch differ from step to step, as the papers' 500-sample
+    clean sets in batches of 128 do."""
+    # At least 2 where the budget allows: BatchNorm after a pooled layer cannot train on one sample.
+    return max(min(2, budget), min(batch_size, budget // 2))
+
+
 class InfiniteBatches:
-    """Endless shuffled batches of a small clean budget, for step-based defenses; `augment`, if given,
-    maps each batch of inputs to an augmented one (pipeline_pkg.augment.augmenter)."""
+    """Endless shuffled batches of a small clean budget, for step-based defenses (`clean_batch_size`
+    decides their size); `augment`, if given, maps each batch of inputs to an augmented one
+    (pipeline_pkg.augment.augmenter)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.x, self.y = x, y
         self.augment = augment
-        self.batch_size = min(batch_size, len(x))
+        self.batch_size = clean_batch_size(batch_size, len(x))
         self.seed = seed
         self.epoch = 0
         self._iter: Iterator | None = None

@@ -93,6 +93,39 @@ def test_infinite_batches_apply_the_augmentation_to_every_batch():
         assert torch.equal(ya, yb) and torch.equal(xb, xa + 1.0)
 
 
+@pytest.mark.parametrize("budget, batch_size, size", [(70, 128, 35), (20, 128, 10), (80, 128, 40),
+                                                      (128, 128, 64), (7, 128, 3), (300, 128, 128)])
+def test_no_clean_budget_batch_is_the_whole_budget(budget, batch_size, size):
+    """A budget no larger than the batch is drawn in halves from a fresh shuffle each epoch, so no step
+    sees the whole budget and consecutive batches differ; a larger budget keeps `batch_size`."""
+    x = torch.arange(budget, dtype=torch.float32)[:, None]
+    y = torch.zeros(budget, dtype=torch.long)
+    batches = InfiniteBatches(x, y, batch_size, seed=0)
+    drawn = [set(next(batches)[0].flatten().tolist()) for _ in range(12)]
+    assert len(drawn[0]) == size and all(1 < len(b) <= size for b in drawn)
+    assert all(len(b) < budget for b in drawn)
+    assert all(a != b for a, b in zip(drawn, drawn[1:]))
+    epoch = budget // size  # the first epoch's full batches: each sample at most once
+    assert len(set().union(*drawn[:epoch])) == epoch * size
+
+
+@pytest.mark.parametrize("dataset, expected", [
+    ("digits", ["crop"]), ("shapes", ["scale", "shift", "jitter"]),
+    ("rf1024", ["rotate", "roll", "conjugate", "cfo", "noise"])])
+def test_defenses_augment_with_the_dataset_s_training_augmentations_by_default(config, dataset, expected):
+    """Unset, clean_budget.augment is the dataset's own training augmentations (RF1024 trains without any:
+    all five I/Q ones); an empty list turns augmentation off."""
+    for entry in config["datasets"].values():
+        entry.pop("clean_budget", None)
+    config.pop("clean_budget", None)
+    checked = validate(copy.deepcopy(config))
+    assert stages.make_defense(checked, dataset, "ft").clean_augment == expected
+    assert stages.job_settings(checked, dataset, "none", config["datasets"][dataset]["archs"][0],
+                               "ft")["clean_budget"]["augment"] == expected
+    config["datasets"][dataset]["clean_budget"] = {"augment": []}
+    assert stages.make_defense(validate(config), dataset, "ft").clean_augment == []
+
+
 def test_every_step_based_defense_trains_on_augmented_batches(monkeypatch):
     """Each defense draws its clean batches from Defense.batches, so `clean_augment` reaches all of them."""
     seen = []
@@ -140,7 +173,7 @@ def test_config_accepts_the_modality_s_augmentations_and_names_the_valid_ones_ot
     config["datasets"]["rf1024"]["clean_budget"] = {"augment": ["rotate", "roll", "conjugate"]}
     checked = validate(copy.deepcopy(config))
     assert stages.make_defense(checked, "rf1024", "fip").clean_augment == ["rotate", "roll", "conjugate"]
-    assert stages.make_defense(checked, "digits", "fip").clean_augment == []
+    assert stages.make_defense(checked, "digits", "fip").clean_augment == ["crop"]  # digits' training set
     config["datasets"]["rf1024"]["clean_budget"] = {"augment": ["crop"]}
     with pytest.raises(ConfigError, match=r"datasets.rf1024.clean_budget.augment: \['crop'\] .*'rf'.*"
                                           r"\['rotate', 'roll', 'conjugate', 'cfo', 'noise'\]"):
