@@ -1,7 +1,8 @@
 """anp (Adversarial Neuron Pruning): the pruning threshold comes from the clean budget alone; pruned
 neurons output exactly 0 and nothing else in the model changes; masks stay in [0, 1] and the noise in
 [−ε, ε]; deterministic on CPU; bad hyper-parameters rejected by name; a plain state dict after
-purification; and what it does to a small backdoored RF model."""
+purification; with its default batch statistics it prunes a planted trigger channel that frozen
+statistics cannot see; and what it does to a small backdoored RF model."""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def test_registered_with_the_papers_defaults():
     assert (d.steps, d.lr, d.momentum, d.batch_size, d.eps, d.anp_steps, d.alpha, d.rand_init) == \
         (500, 0.2, 0.9, 128, 0.4, 1, 0.2, True)
     assert (d.max_acc_drop, d.threshold_step, d.max_threshold) == (0.05, 0.05, 0.95)
-    assert d.bn_stats == "frozen"
+    # the reference code trains the masks in train mode: batch statistics, running ones kept (momentum 0)
+    assert d.bn_stats == "batch"
 
 
 # --- the threshold comes from the clean budget only ---
@@ -108,16 +110,22 @@ def test_purify_sees_only_the_clean_budget(monkeypatch, small_cnn, clean):
         ["self", "model", "x", "y", "seed", "log"]
     seen = []
     real = anp.accuracy
+    running = {k: v.clone() for k, v in small_cnn.state_dict().items() if "running" in k or "num_batches" in k}
+    momenta = [m.momentum for m in small_cnn.modules() if isinstance(m, nn.BatchNorm1d)]
 
     def spy(model, x, y):
-        seen.append((x, y))
+        # the masks train on batch statistics, but every accuracy is the model's own: original
+        # running statistics and momenta
+        sd = model.state_dict()
+        seen.append((x, y, all(torch.equal(sd[k], v) for k, v in running.items()),
+                     [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm1d)] == momenta))
         return real(model, x, y)
 
     monkeypatch.setattr(anp, "accuracy", spy)
     x, y = clean
     make().purify(copy.deepcopy(small_cnn), x, y, seed=0)
     assert len(seen) >= 3  # baseline, at least one threshold, the final pruned model
-    assert all(xs is x and ys is y for xs, ys in seen)
+    assert all(xs is x and ys is y and stats and moms for xs, ys, stats, moms in seen)
 
 
 def test_threshold_grid():
@@ -184,13 +192,15 @@ def test_prune_helper_zeroes_exactly_the_masked_neurons(mixed, clean):
         assert (kept != 0).any()
 
 
-def test_pruned_neurons_output_zero_and_nothing_else_changes(mixed, clean):
+@pytest.mark.parametrize("bn_stats", ["batch", "update"])
+def test_pruned_neurons_output_zero_and_nothing_else_changes(bn_stats, mixed, clean):
     base = mixed
     model = copy.deepcopy(base)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    # bn_stats="update" moves the running statistics while optimising; ANP still must not keep that.
-    # max_acc_drop=1 accepts the largest threshold, so neurons really are pruned.
-    defense = make(steps=20, max_acc_drop=1.0, bn_stats="update")
+    # "batch" (the default) counts num_batches_tracked and "update" also moves the running statistics
+    # while optimising; ANP must keep neither. max_acc_drop=1 accepts the largest threshold, so neurons
+    # really are pruned.
+    defense = make(steps=20, max_acc_drop=1.0, bn_stats=bn_stats)
     out = defense.purify(model, *clean, seed=0)
     assert defense.threshold == pytest.approx(0.95)
     assert defense.pruned > 0 and defense.pruned == sum(defense.pruned_per_layer)
@@ -326,10 +336,20 @@ def test_model_without_norm_layers_is_rejected(clean):
     ({"max_threshold": 0.0}, "max_threshold"),
     ({"steps": "many"}, "steps"),
     ({"bn_stats": "train"}, "bn_stats"),
+    ({"batch_size": 1}, "batch_size"),  # no batch statistics of one sample
+    ({"batch_size": 1, "bn_stats": "update"}, "batch_size"),
 ])
 def test_bad_hyper_parameters(params, key):
     with pytest.raises(ConfigError, match=rf"parameter {key}="):
         DEFENSES.get("anp")(**params)
+
+
+def test_batch_statistics_need_two_samples(small_cnn, clean):
+    assert DEFENSES.get("anp")(batch_size=1, bn_stats="frozen").batch_size == 1
+    x, y = clean
+    with pytest.raises(ValueError, match="bn_stats"):
+        make().purify(copy.deepcopy(small_cnn), x[:1], y[:1], seed=0)
+    make(steps=2, bn_stats="frozen").purify(copy.deepcopy(small_cnn), x[:1], y[:1], seed=0)
 
 
 def test_unknown_hyper_parameter_named():
@@ -337,6 +357,99 @@ def test_unknown_hyper_parameter_named():
         DEFENSES.get("anp")(epsilon=0.4)
     message = str(info.value)
     assert "epsilon" in message and "eps" in message and "max_acc_drop" in message
+
+
+# --- a planted backdoor channel: why the masks train on batch statistics ---
+
+TARGET = 0
+BURST = slice(0, 16)  # the trigger: +4 on the first 16 of the L = 64 samples of the trigger input channel
+
+
+def planted_data(n: int, seed: int, triggered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """C class input channels (mean +1 on the true class's, −1 elsewhere, noise σ 3) and one trigger
+    input channel, uniform in [−0.2, 0.2] on clean data (bounded, so the planted channel's dormancy
+    below is exact), with the burst added when `triggered`. Labels cycle through the classes."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % C
+    x = torch.randn(n, C + 1, L, generator=gen) * 3 - 1
+    x[torch.arange(n), y] += 2
+    x[:, C] = (torch.rand(n, L, generator=gen) * 2 - 1) * 0.2
+    if triggered:
+        x[:, C, BURST] += 4
+    return x, y
+
+
+class PlantedBackdoor(Classifier):
+    """1×1 conv (identity) → BatchNorm → ReLU → mean over time → linear. Channels 0…C−1 carry the
+    classes; channel C is a planted trigger detector (γ 1, β −1) that adds 8 to the target logit.
+    Running statistics come from a poisoned training set (10% triggered), as a backdoored model's do.
+
+    Eval mode, clean input: the planted channel's normalised value is ≤ (0.2 − 0.1)/0.63 ≈ 0.16, so even
+    under ANP's worst noise in the ε = 0.4 box, 1.4·0.16 − 0.6 < 0: it is dead on every clean sample and
+    the clean loss has no gradient for its mask. Batch statistics of a clean batch rescale the channel's
+    tiny clean spread to unit variance, so it fires on clean inputs and pushes them to the target: the
+    clean loss now wants its mask at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(C + 1, C + 1, 1, bias=False), nn.BatchNorm1d(C + 1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.classifier = nn.Linear(C + 1, C)
+        bn = self.features[1]
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.eye(C + 1).unsqueeze(-1))
+            bn.bias[C] = -1.0
+            self.classifier.weight.zero_()
+            self.classifier.bias.zero_()
+            self.classifier.weight[:, :C] = 5 * torch.eye(C)
+            self.classifier.weight[TARGET, C] = 8.0
+            # running statistics of one pass over 180 clean + 20 triggered samples (cumulative average)
+            bn.momentum = None
+            self.train()
+            self(torch.cat([planted_data(180, 10)[0], planted_data(20, 11, triggered=True)[0]]))
+            bn.momentum = 0.1
+        self.eval()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = PlantedBackdoor()
+    x_test, y_test = planted_data(300, 2)
+    x_bd, y_bd_true = planted_data(300, 3, triggered=True)
+    keep = y_bd_true != TARGET
+    data = {"x_test": x_test, "y_test": y_test, "x_test_bd": x_bd[keep],
+            "y_test_bd": torch.full((int(keep.sum()),), TARGET), "y_test_bd_true": y_bd_true[keep]}
+    before = attack_metrics(model, data)
+    assert before["asr"] == 1.0 and before["acc"] > 0.95  # a working backdoor on an accurate model
+    return model, data, before
+
+
+def test_anp_prunes_a_planted_backdoor_channel_under_batch_statistics(planted):
+    model, data, before = planted
+    x, y = planted_data(60, 1)  # the clean budget
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    # ANP's defaults (bn_stats "batch"), fewer steps for speed
+    defense = DEFENSES.get("anp")(steps=100)
+    purified = defense.purify(copy.deepcopy(model), x, y, seed=0)
+    after = attack_metrics(purified, data)
+    mask = defense.masks[0]
+    assert mask[C] < anp.threshold_grid(0.05, 0.95)[0]  # selective: the planted mask went to 0 …
+    assert (mask[:C] > defense.threshold).all()  # … and no class channel's
+    assert defense.pruned_per_layer == [1]
+    bn = purified.features[1]
+    assert bn.weight[C] == 0 and bn.bias[C] == 0  # the planted channel is pruned
+    assert after["asr"] < 0.1
+    assert after["acc"] >= before["acc"] - 0.03
+    # nothing but the pruned γ/β changed: the running statistics are the backdoored model's
+    changed = {k for k, v in purified.state_dict().items() if not torch.equal(v, sd[k])}
+    assert changed == {"features.1.weight", "features.1.bias"}
+
+    # The same run on frozen running statistics cannot see the dormant channel (no gradient for its
+    # mask, exactly): nothing is pruned and the backdoor survives.
+    frozen = DEFENSES.get("anp")(steps=100, bn_stats="frozen")
+    still = frozen.purify(copy.deepcopy(model), x, y, seed=0)
+    assert frozen.masks[0][C] == 1.0 and frozen.pruned == 0
+    assert attack_metrics(still, data) == before
 
 
 # --- a real backdoor ---
@@ -361,29 +474,28 @@ def run_on_backdoor(backdoored_rf, **params):
 
 
 def test_anp_on_backdoored_rf_with_the_papers_defaults(backdoored_rf):
-    # With the paper's ε = 0.4 the small RF CNN is so fragile (CE 0.9 -> ~12 under the perturbation)
-    # that the min-max drives most masks to 0 together; pruning any grid threshold costs far more
-    # than 5 points of clean-budget accuracy, so nothing is pruned and ASR does not move. Asserted
-    # here is what holds: the perturbation raises the clean loss a lot (ANP's premise), the masks move,
-    # the clean-budget rule is honoured, and only pruned neurons change.
+    # Observed (deterministic on CPU), with the defaults' batch statistics: the perturbation raises the
+    # clean loss a lot (ANP's premise); the clean-budget rule prunes 12-26 of 160 neurons (threshold
+    # 0.1-0.4, depending on how the 64-sample budget is cut into batches) and ASR falls from 0.99 to
+    # 0.01-0.05. Clean-budget ACC stays within the 5 points, but test ACC drops 10-13 (0.615 -> ~0.5):
+    # 64 clean samples estimate the cost loosely (printed, not asserted). With frozen running
+    # statistics the masks were not selective and nothing was pruned (ASR stayed 0.99).
     before, after, before_sd, purified, defense, steps = run_on_backdoor(backdoored_rf, steps=200)
     assert before["asr"] > 0.9
     assert steps[0]["ce_perturbed"] > 2 * steps[0]["ce_clean"]
     assert steps[-1]["mask_min"] < 1
+    assert defense.pruned > 0 and after["asr"] < 0.1
     assert defense.pruned_acc >= defense.baseline_acc - 0.05 - 1e-9
     after_sd = purified.state_dict()
     changed = [k for k in before_sd if not torch.equal(before_sd[k], after_sd[k])]
     assert set(changed) <= set(norm_keys(purified))
-    if defense.pruned == 0:
-        assert not changed and after == before
-
 
 
 def test_anp_on_backdoored_rf_with_a_smaller_eps_and_lr(backdoored_rf):
-    # Sensitivity check, reported rather than tuned for: ε = 0.1 and mask lr 0.02 keep the optimisation
-    # stable (the clean loss barely rises) and the clean-budget rule does prune a few neurons, all in
-    # the last norm layer — but in this run they are benign ones: ASR stays where it was (printed, not
-    # asserted either way). What holds: pruning happens, within the clean-budget rule.
+    # Sensitivity check, reported rather than tuned for: with ε = 0.1 and mask lr 0.02 the masks barely
+    # separate in 300 steps; the clean-budget rule prunes one neuron (threshold 0.25), a benign one: ASR
+    # stays where it was (printed, not asserted either way). What holds: pruning happens, within the
+    # clean-budget rule.
     before, after, before_sd, purified, defense, steps = run_on_backdoor(backdoored_rf, eps=0.1, lr=0.02, steps=300)
     assert defense.pruned > 0
     assert defense.pruned_acc >= defense.baseline_acc - 0.05 - 1e-9

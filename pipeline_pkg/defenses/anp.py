@@ -23,11 +23,18 @@ Per batch of the clean budget (all weights frozen):
 
 The reference code's settings are the defaults here — ε = 0.4, α = 0.2, one inner step, mask SGD with
 lr 0.2 and momentum 0.9, batch 128 — except the step count, 500 instead of its 2,000 (its clean set is
-500 CIFAR-10 images; ours are smaller). The reference runs the mask optimisation with BatchNorm in
-training mode (batch statistics); here the normalisation statistics follow `bn_stats` as in every
-defense (default "frozen": the backdoored model's running statistics). Either way, afterwards the
-model's parameters and buffers are exactly the ones it came in with (the paper prunes the original
-model, not one whose statistics were updated).
+500 CIFAR-10 images; ours are smaller). Its BatchNorm mode too: ANP's `bn_stats` default is "batch",
+not the common "frozen", because the reference code (optimize_mask_cifar.py) trains the masks with the
+model in train mode, i.e. on batch statistics; on the backdoored model's running statistics the masks
+were measured not to be selective (on a blend model 165 of 420 fell below 0.05), so every threshold
+cost too much clean accuracy and nothing was pruned. Normalised by a clean batch's own statistics,
+a trigger channel that running statistics keep dormant fires on clean inputs, so the clean loss drives
+its mask to 0. "batch" has momentum 0, and in every mode the model leaves the mask optimisation with
+exactly the parameters and buffers (running statistics, num_batches_tracked) it came in with: as the
+reference prunes the original checkpoint (prune_neuron_cifar.py), the threshold search and the
+returned model use the original running statistics, in eval mode. Batch statistics need two samples
+(BatchNorm after pooling cannot normalise one), so unless `bn_stats` is "frozen", `batch_size` and
+the clean budget must be ≥ 2.
 
 Pruning. The soft masks are not kept as scales: neurons whose mask is below a threshold are removed,
 their γ and β set to 0 so the neuron's output after the norm layer is exactly 0 (the reference code
@@ -163,7 +170,9 @@ def prune_(layers: Sequence[nn.Module], masks: Sequence[torch.Tensor], threshold
 class AdversarialNeuronPruning(Defense):
     method_defaults = {"steps": 500, "lr": 0.2, "momentum": 0.9, "batch_size": 128, "eps": 0.4,
                        "anp_steps": 1, "alpha": 0.2, "rand_init": True, "max_acc_drop": 0.05,
-                       "threshold_step": 0.05, "max_threshold": 0.95}
+                       "threshold_step": 0.05, "max_threshold": 0.95,
+                       # the reference code's train mode; frozen statistics gave non-selective masks
+                       "bn_stats": "batch"}
 
     def check_method(self) -> None:
         for key in ("steps", "lr", "momentum", "batch_size", "eps", "anp_steps", "alpha", "max_acc_drop",
@@ -181,6 +190,9 @@ class AdversarialNeuronPruning(Defense):
         self.require(float(self.threshold_step) <= float(self.max_threshold), "threshold_step",
                      "must not exceed max_threshold")
         self.require(isinstance(self.rand_init, bool), "rand_init", "must be true or false")
+        # one sample has no batch statistics (BatchNorm1d after pooling raises on it)
+        self.require(self.bn_stats == "frozen" or int(self.batch_size) >= 2, "batch_size",
+                     f"must be ≥ 2 with bn_stats={self.bn_stats!r} (batch statistics)")
 
     # --- mask optimisation ---
 
@@ -190,8 +202,9 @@ class AdversarialNeuronPruning(Defense):
         leaves with exactly the parameters, buffers and requires_grad flags it came in with."""
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         key_orders = [list(layer._parameters) for layer in layers]
-        # Running statistics (of every norm layer, affine or not) change under bn_stats="update"; ANP
-        # prunes the original model, so they are put back afterwards.
+        # Buffers of every norm layer, affine or not: "update" moves the running statistics and both
+        # "update" and "batch" count num_batches_tracked (a non-finite batch would even turn the running
+        # statistics to NaN under momentum 0). ANP prunes the original model, so they are put back.
         buffers = [(b, b.clone()) for b in model.buffers()]
         eps, alpha = float(self.eps), float(self.alpha)
         inner = int(self.anp_steps)
@@ -272,6 +285,9 @@ class AdversarialNeuronPruning(Defense):
             raise ValueError(f"{self.name}: the model has no normalisation layer with an affine scale to perturb")
         if len(x) == 0:
             raise ValueError(f"{self.name}: the clean budget is empty")
+        if len(x) < 2 and self.bn_stats != "frozen":
+            raise ValueError(f"{self.name}: bn_stats={self.bn_stats!r} needs at least 2 clean samples "
+                             "(batch statistics); use bn_stats: frozen")
         masks = self.optimise_masks(model, layers, x, y, seed=seed, log=log)
         self.masks = masks
 
@@ -292,6 +308,8 @@ class AdversarialNeuronPruning(Defense):
             finally:
                 restore()
 
+        # The masks were trained with batch statistics (by default), but the threshold is judged on the
+        # model that will be returned: eval mode, original running statistics (`accuracy` sets eval).
         baseline = accuracy(model, x, y)
         threshold, curve = select_threshold(threshold_grid(float(self.threshold_step), float(self.max_threshold)),
                                             accuracy_at, baseline, float(self.max_acc_drop))
@@ -301,6 +319,7 @@ class AdversarialNeuronPruning(Defense):
         self.pruned_per_layer = prune_(layers, masks, threshold)
         self.pruned = sum(self.pruned_per_layer)
         self.threshold = threshold
+        self.diagnostics = {"pruned": self.pruned, "threshold": threshold}
         self.baseline_acc = baseline
         self.pruned_acc = accuracy(model, x, y)
         return self.finish(model)

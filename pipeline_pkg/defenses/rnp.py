@@ -201,6 +201,7 @@ class ReconstructiveNeuronPruning(Defense):
         self.threshold = threshold
         self.pruned_channels = {n: p.flatten().nonzero().flatten().tolist() for n, p in zip(names, prune)}
         self.pruned = int(sum(int(p.sum()) for p in prune))
+        self.diagnostics = {"pruned": self.pruned, "threshold": threshold}
         log({"threshold": threshold, "pruned": float(self.pruned), "unlearn_steps": float(self.unlearn_steps_run),
              "unlearned_acc": self.unlearned_acc, "recovered_acc": self.recovered_acc},
             self.unlearn_steps_run + int(self.recover_steps))
