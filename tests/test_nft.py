@@ -1,7 +1,8 @@
 """nft (Neural mask Fine-Tuning): only the scales of normalisation layers change, within the per-layer
-clip bounds; the masks are baked into a plain state dict; MixUp pairs labels as it mixes inputs; one-shot
-budgets work; deterministic on CPU; bad hyper-parameters rejected by name; and what it does to a small
-backdoored RF model."""
+clip bounds (layers numbered from 1, as in the official code); the learning rate follows the official
+block-wise cosine down to its floor; the masks are baked into a plain state dict; MixUp pairs labels as
+it mixes inputs; one-shot budgets work; deterministic on CPU; bad hyper-parameters rejected by name; and
+what it does to a small backdoored RF model."""
 
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def is_norm_scale(model: nn.Module, name: str) -> bool:
 def test_registered():
     assert DEFENSES.get("nft") is nft.NeuralMaskFineTuning
     d = DEFENSES.get("nft")()
-    assert (d.steps, d.lr, d.momentum, d.batch_size, d.c, d.a, d.b, d.mixup_alpha) == \
-        (1000, 0.05, 0.95, 128, 1e-3, 0.8, 0.5, 1.0)
+    assert (d.steps, d.lr, d.momentum, d.batch_size, d.c, d.a, d.b, d.mixup_alpha, d.lr_min, d.lr_every) == \
+        (1000, 0.05, 0.95, 128, 1e-3, 0.8, 0.5, 1.0, 0.02, 200)
     assert d.bn_stats == "frozen"
 
 
@@ -111,7 +112,7 @@ def test_only_norm_scales_change_within_clip_bounds(arch, request, clean):
             assert torch.equal(after[k], v), f"{k} changed"
 
     lower = nft.clip_bounds(len(layers), a, b)
-    assert lower == pytest.approx([a * math.exp(-b * layer) for layer in range(len(layers))])
+    assert lower == pytest.approx([a * math.exp(-b * layer) for layer in range(1, len(layers) + 1)])
     hit_lower, moved = [], 0
     for layer, key in enumerate(scale_keys):
         g0, g1 = before[key], after[key]
@@ -127,6 +128,65 @@ def test_only_norm_scales_change_within_clip_bounds(arch, request, clean):
         # Here every layer has masks pinned at exactly its own bound a·exp(−b·l) (on the random-data
         # CNN the gradients are too weak to get there in 30 steps).
         assert all(hit_lower), f"layers whose masks never reached their bound: {hit_lower}"
+
+
+def test_clip_bounds_number_layers_from_one():
+    # The official mask_clip clamps layer count_layer = 1, 2, … to [alpha·exp(−beta·count_layer), 1]:
+    # the first layer's floor is a·e^(−b), not a, and the last one's a·e^(−b·L).
+    assert nft.clip_bounds(3, 0.8, 0.5) == pytest.approx(
+        [0.4852245277701068, 0.2943035529371539, 0.17850412811874386], rel=1e-12)
+    bounds = nft.clip_bounds(7, 0.9, 0.3)
+    assert len(bounds) == 7
+    assert bounds[0] == pytest.approx(0.9 * math.exp(-0.3), rel=1e-15)
+    assert bounds[-1] == pytest.approx(0.9 * math.exp(-0.3 * 7), rel=1e-15)
+    assert nft.clip_bounds(2, 0.8, 0.0) == [0.8, 0.8]  # b = 0: one floor a for every layer
+    assert nft.clip_bounds(0, 0.8, 0.5) == []
+
+
+def lr_per_step(monkeypatch, defense, model, clean):
+    """The learning rate of every optimiser step of a purification, and the rate left after it."""
+    used, optimizers = [], []
+
+    def recording_step(optimizer, loss, what, **kwargs):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizers.append(optimizer)
+        return real_step(optimizer, loss, what, **kwargs)
+
+    real_step = nft.guarded_step
+    monkeypatch.setattr(nft, "guarded_step", recording_step)
+    defense.purify(model, *clean, seed=0)
+    assert len({id(o) for o in optimizers}) == 1
+    return used, optimizers[0].param_groups[0]["lr"]
+
+
+def tiny_masked_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(2 * L, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, C))
+
+
+def test_learning_rate_follows_the_official_schedule_to_its_floor(monkeypatch, clean):
+    # Official: CosineAnnealingLR(T_max = ceil(1000 / 200) = 5, eta_min = 0.02) from lr 0.05, stepped
+    # once per 200 mask steps. So 200 steps at each of these rates, then the floor 0.02 — never 0, and
+    # constant within a block (a per-step cosine, with or without the floor, fails both).
+    used, final = lr_per_step(monkeypatch, DEFENSES.get("nft")(), tiny_masked_model(), clean)
+    blocks = [0.05, 0.04713525491562421, 0.03963525491562421, 0.03036474508437579, 0.02286474508437579]
+    assert len(used) == 1000
+    assert used == pytest.approx([lr for lr in blocks for _ in range(200)], rel=1e-12)
+    assert final == pytest.approx(0.02, rel=1e-12)
+    assert min(used) > 0.0228
+
+
+def test_learning_rate_schedule_with_a_partial_last_block(monkeypatch, clean):
+    # steps 25 in blocks of 10: T_max = 3, blocks of 10, 10 and 5 steps; the scheduler also steps after
+    # the last (partial) block, so the rate still ends at the floor lr_min.
+    defense = make(steps=25, lr=0.1, lr_min=0.01, lr_every=10)
+    used, final = lr_per_step(monkeypatch, defense, tiny_masked_model(), clean)
+    expected = [0.1] * 10 + [0.01 + 0.09 * 0.75] * 10 + [0.01 + 0.09 * 0.25] * 5
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert final == pytest.approx(0.01, rel=1e-12)
+    # Shorter than one block: the official code's single pass, all at lr, then the floor.
+    used, final = lr_per_step(monkeypatch, make(steps=7), tiny_masked_model(), clean)
+    assert used == [0.05] * 7 and final == pytest.approx(0.02, rel=1e-12)
 
 
 def test_tunable_parameters_counts_norm_affine_channels(mixed, small_cnn, clean):
@@ -270,6 +330,11 @@ def test_model_without_norm_layers_is_rejected(clean):
     ({"lr": -0.1}, "lr"),
     ({"momentum": 1.0}, "momentum"),
     ({"batch_size": 0}, "batch_size"),
+    ({"lr_min": -0.01}, "lr_min"),
+    ({"lr_min": 0.06}, "lr_min"),  # above lr 0.05: the "floor" would raise the rate
+    ({"lr_min": float("nan")}, "lr_min"),
+    ({"lr_every": 0}, "lr_every"),
+    ({"lr_every": 2.5}, "lr_every"),
     ({"bn_stats": "train"}, "bn_stats"),
 ])
 def test_bad_hyper_parameters(params, key):
