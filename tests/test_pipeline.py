@@ -297,12 +297,17 @@ def test_the_fip_benchmarks_run_on_the_pipeline_s_models(run):
     repo, workdir, results = run
     config = str(results / "config.yaml")
     sweep = subprocess.run([sys.executable, str(repo / "benchmarks/purify_sweep.py"), "--config", config,
-                            "--params", '{"steps": 3}', "--clean-augment", "roll"],
+                            "--params", '{"steps": 3}', "--clean-augment", "roll", "--defense-seeds", "0,1"],
                            cwd=workdir, capture_output=True, text=True, timeout=300)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     report = json.loads(sweep.stdout.strip().splitlines()[-1])
     assert report["clean_augment"] == ["roll"] and report["params"] == {"steps": 3}
-    assert 0 <= report["after"]["asr"] <= 1 and report["before"]["asr"] > 0.5
+    assert [run["defense_seed"] for run in report["after"]] == [0, 1] and report["before"]["asr"] > 0.5
+    assert all(0 <= run["asr"] <= 1 and 0 <= run["clip_rate"] <= 1 for run in report["after"])
+    asrs = [run["asr"] for run in report["after"]]
+    assert report["summary"]["asr"]["n"] == 2
+    assert report["summary"]["asr"]["mean"] == pytest.approx(sum(asrs) / 2)
+    assert report["summary"]["asr"]["sd"] == pytest.approx(abs(asrs[0] - asrs[1]) / 2 ** 0.5)
     out = workdir / "fip-gradient-scale.md"
     scale = subprocess.run([sys.executable, str(repo / "benchmarks/fip_gradient_scale.py"), "--config", config,
                             "--draws", "2", "--out", str(out)],
