@@ -50,7 +50,7 @@ def main(config_path, dataset, attack, arch, seed, draws, threads, out) -> None:
     medians = {k: statistics.median(v) for k, v in rows.items()}
     ratio = medians["η_F·‖∇Tr(F)‖"] / medians["‖∇CE‖"]
     lines = [f"# FIP's gradient terms on {dataset} / {attack} / {arch} / seed {seed}", "",
-             f"Clean budget: {len(x)} samples, batch {int(fip.batch_size)}, clean_budget.augment "
+             f"Clean budget: {len(x)} samples, batches of {batches.batch_size}, clean_budget.augment "
              f"{fip.clean_augment}; {sum(p.numel() for p in params)} tuned values; η_F = {eta_f}, "
              f"probes = {int(fip.probes)}, max_grad_norm = {clip}; median of {draws} batches.", "",
              f"Command: `python benchmarks/fip_gradient_scale.py --config {config_path} --dataset {dataset} "
