@@ -17,13 +17,10 @@ import torch.nn.functional as F
 
 from pipeline_pkg import stages
 from pipeline_pkg.config import load
+from pipeline_pkg.defenses.fip import grad_norm
 from pipeline_pkg.defenses.fisher import fisher_trace_estimate
 from report import publish  # benchmarks/report.py: scripts run from this folder
 from trained_run import open_run, run_options  # benchmarks/trained_run.py
-
-
-def norm(grads) -> float:
-    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
 
 
 @click.command()
@@ -43,10 +40,11 @@ def main(config_path, dataset, attack, arch, seed, draws, threads, out) -> None:
     for _ in range(draws):
         xb, yb = next(batches)
         logits = model(xb)
-        rows["‖∇CE‖"].append(norm(torch.autograd.grad(F.cross_entropy(logits, yb), params, retain_graph=True)))
+        ce_grads = torch.autograd.grad(F.cross_entropy(logits, yb), params, retain_graph=True)
+        rows["‖∇CE‖"].append(float(grad_norm(ce_grads)))
         trace = fisher_trace_estimate(logits, params, gen, int(fip.probes))
         rows["Tr(F) estimate"].append(float(trace.detach()))
-        rows["η_F·‖∇Tr(F)‖"].append(eta_f * norm(torch.autograd.grad(trace, params)))
+        rows["η_F·‖∇Tr(F)‖"].append(eta_f * float(grad_norm(torch.autograd.grad(trace, params))))
     medians = {k: statistics.median(v) for k, v in rows.items()}
     ratio = medians["η_F·‖∇Tr(F)‖"] / medians["‖∇CE‖"]
     lines = [f"# FIP's gradient terms on {dataset} / {attack} / {arch} / seed {seed}", "",

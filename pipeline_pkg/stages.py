@@ -22,6 +22,7 @@ from .h5io import load_checkpoint, read_h5, read_json, save_checkpoint, write_h5
 from .models import Classifier, count_parameters
 from .registry import ATTACKS, DATASETS, DEFENSES, DETECTORS, MODELS
 from .runtime import pick_device, seed_everything, set_precision
+from .sharpness import KEYS as SHARPNESS_KEYS  # what the measurement adds to a metrics dict
 from .sharpness import measure as sharpness
 from .sharpness import sample_count as sharpness_sample_count
 from .sharpness import sample_indices as sharpness_sample_indices
@@ -451,10 +452,6 @@ def purify(config: dict, dataset: str, attack: str, arch: str, seed: int, defens
 
 # --- evaluate ---
 
-# What evaluate's sharpness measurement adds to a metrics dict (pipeline_pkg.sharpness.KEYS): λ_max, Tr(H)
-# and how they were obtained (samples, Hessian-vector products of the power iteration, convergence).
-SHARPNESS_KEYS = ("lambda_max", "hessian_trace", "sharpness_samples", "sharpness_iterations",
-                  "sharpness_converged")
 # What `none` costs, in place of a purify report: it has no purify job and optimises nothing.
 NO_PURIFICATION = {"purify_seconds": 0.0, "trainable_params": 0}
 

@@ -18,7 +18,8 @@ Where we deviate from the released code, and why:
   η_F·‖∇Tr(F)‖ / ‖∇CE‖ over its trace steps and the share of steps the clip fired on
   (`diagnostics`), so a setting where the term swamps or vanishes shows in the purify report.
 - The retention term's gradient, 2·η_r·F(θ₀)⊙(θ − θ₀), is added in closed form; CE's and the trace's
-  gradients are taken separately on trace steps to measure their ratio (no extra backward pass)."""
+  gradients are taken separately on trace steps to measure their ratio, which costs one more backward
+  pass through the forward graph on those steps (every `fisher_every`-th)."""
 
 from __future__ import annotations
 
